@@ -1,0 +1,33 @@
+# The two commands of the README: `make run` (main job) and `make test` (test suite).
+# Both create .venv/ and install everything into it when missing; later calls reuse it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.castling_det-installed
+SHAPES := datasets/shapes
+RUN_DIR := output/shapes_mask_rcnn_castling_vit_ti
+
+.PHONY: setup run test clean
+
+setup: $(INSTALLED)
+
+$(INSTALLED): requirements.txt setup.py tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install --no-deps -e .
+	touch $@
+
+run: setup
+	$(PY) tools/make_shapes_dataset.py --output $(SHAPES)
+	$(PY) tools/train_net.py \
+		--config-file configs/Shapes/mask_rcnn_castling_vit_ti_fpn_shapes.yaml \
+		--register-coco shapes_train $(SHAPES)/annotations/train.json $(SHAPES)/train \
+		--register-coco shapes_val $(SHAPES)/annotations/val.json $(SHAPES)/val \
+		OUTPUT_DIR $(RUN_DIR)
+
+test: setup
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf output $(SHAPES)

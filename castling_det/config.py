@@ -1,0 +1,52 @@
+"""Config keys of castling_det: ``add_castling_config(cfg)`` adds ``MODEL.CASTLING.*``."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_castling_config"]
+
+
+def add_castling_config(cfg: CN) -> CN:
+    """Add the ``MODEL.CASTLING`` node to a Detectron2 config (in place) and return the config.
+
+    The defaults describe a Castling-ViT-S read by the FPN adapter; the configs under ``configs/``
+    set the rest (``MODEL.BACKBONE.NAME``, ``MODEL.FPN.*``, the heads).
+    """
+    cfg.MODEL.CASTLING = CN()
+    c = cfg.MODEL.CASTLING
+    # Size preset: "Ti" (192 wide, 3 heads), "S" (384, 6) or "B" (768, 12), all 12 blocks deep.
+    c.SIZE = "S"
+    # Overrides of the preset's width, depth and head count when > 0 (e.g. tiny test models).
+    c.EMBED_DIM = 0
+    c.DEPTH = 0
+    c.NUM_HEADS = 0
+    # Side of the square patches; also the output stride of the ViT.
+    c.PATCH_SIZE = 16
+    # Input size the position embedding is laid out for (the pre-training size); interpolated.
+    c.PRETRAIN_IMG_SIZE = 224
+    # Attention of each block: "castling" (linear-angular), "softmax" (global) or "window"
+    # (ViTDet-style windows). One entry applies to every block; otherwise one entry per block.
+    c.ATTN_KINDS = ["castling"]
+    # Window side, in tokens, of "window" blocks.
+    c.WINDOW_SIZE = 14
+    # Hidden width of the MLP over the token width.
+    c.MLP_RATIO = 4.0
+    # Whether the q, k, v projections have a bias.
+    c.QKV_BIAS = True
+    # Stochastic depth rate of the last block (rising linearly from 0 at the first).
+    c.DROP_PATH_RATE = 0.1
+    # Depthwise convolution on v: "seq" (the paper's k x 1 along the token sequence, per head)
+    # or "grid" (k x k over the 2D token grid, per channel).
+    c.CONV_KIND = "seq"
+    # Its kernel size k (odd): 9 for "seq" as in the paper, 3 is usual for "grid".
+    c.CONV_KERNEL_SIZE = 9
+    # Whether the auxiliary masked softmax branch is on when the model is built (training).
+    c.SOFTMAX_BRANCH = True
+    # Softmax weights at or below this are masked out of the branch.
+    c.BRANCH_THRESHOLD = 0.02
+    # Queries per chunk when computing the branch (exact; bounds its memory); 0: all at once.
+    c.BRANCH_CHUNK_SIZE = 1024
+    # Recompute block activations in the backward pass to save memory.
+    c.USE_ACT_CHECKPOINT = False
+    # Feature maps returned by the bare backbone: "last_feat" and/or "block{i}" (0-based).
+    # The FPN adapter reads the one named in MODEL.FPN.IN_FEATURES instead.
+    c.OUT_FEATURES = ["last_feat"]
+    return cfg

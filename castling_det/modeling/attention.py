@@ -1,0 +1,204 @@
+"""Token mixers of a Castling-ViT block: linear-angular attention and its softmax twin.
+
+Both take and return tokens laid out as an image, ``(B, H, W, C)``, like Detectron2's ViT, so the
+same block can run them globally or inside windows and the grid convolution knows the token grid.
+Every product is an explicit ``torch.matmul`` so that trace-based FLOP counters (fvcore) see it.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LinearAngularAttention", "SoftmaxAttention", "masked_softmax_attention"]
+
+CONV_KINDS = ("seq", "grid")
+
+
+def masked_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    threshold: float,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The auxiliary branch of Castling-ViT: ``(A · [A > threshold]) v`` with ``A = softmax(q kᵀ / √d)``.
+
+    Args:
+        q, k, v: tensors of shape ``(B, heads, N, d)``; q and k are the *un-normalised* projections.
+        threshold: attention weights at or below it are dropped (set to zero, not renormalised).
+        chunk_size: if given, queries are processed ``chunk_size`` at a time. Every query row is
+            independent, so chunking is exact and bounds the peak memory to ``chunk_size × N``
+            scores per head instead of ``N × N``.
+
+    Returns:
+        Tensor of shape ``(B, heads, N, d)``.
+    """
+    scale = q.shape[-1] ** -0.5
+    k_t = k.transpose(-2, -1)
+    step = q.shape[-2] if chunk_size is None else chunk_size
+    outputs = []
+    for q_chunk in q.split(step, dim=-2):
+        attn = torch.matmul(q_chunk * scale, k_t).softmax(dim=-1)
+        sparse = attn * (attn > threshold)
+        outputs.append(torch.matmul(sparse, v))
+    return torch.cat(outputs, dim=-2)
+
+
+class LinearAngularAttention(nn.Module):
+    """Castling-ViT's linear-angular attention (You et al., CVPR 2023).
+
+    Per head, with ``q̂ = q/‖q‖`` and ``k̂ = k/‖k‖``::
+
+        out = normalize(0.5·v + (1/π)·q̂ (k̂ᵀ v) [+ branch]) + DWConv(v)
+
+    which keeps the linear terms of the angular kernel ``1 − arccos(q̂·k̂)/π``; the depthwise
+    convolution and, during training, a masked softmax attention (the *branch*) stand in for the
+    high-order residual. With the branch off, cost and memory are linear in the number of tokens N:
+    no N×N tensor is ever formed.
+
+    Numerics: the sum inside ``normalize`` is scaled by 1/N term by term (exact, since the
+    normalisation is scale-free), so ``k̂ᵀv`` stays in range in fp16/bf16 at any N. The sum and its
+    normalisation are done in fp32; norms are clamped at ``eps`` so that an all-zero token gives
+    zeros, not NaN.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        conv_kind: str = "seq",
+        conv_kernel_size: int = 9,
+        branch_threshold: float = 0.02,
+        branch_chunk_size: Optional[int] = 1024,
+        softmax_branch: bool = True,
+        eps: float = 1e-6,
+    ):
+        """
+        Args:
+            dim: number of input and output channels.
+            num_heads: number of attention heads; must divide ``dim``.
+            qkv_bias: whether the q, k, v projection has a bias.
+            conv_kind: ``"seq"``: the reference's depthwise ``(k × 1)`` convolution along the
+                flattened token sequence, one filter per head shared over the head's channels;
+                ``"grid"``: a depthwise ``k × k`` convolution over the 2D token grid, one filter
+                per channel.
+            conv_kernel_size: k above; must be odd so the output keeps the token count.
+            branch_threshold: attention weights of the softmax branch at or below it are masked.
+            branch_chunk_size: queries per chunk in the softmax branch (None: all at once).
+            softmax_branch: whether the auxiliary softmax branch is on at construction.
+            eps: lower clamp of every L2 norm.
+        """
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if conv_kind not in CONV_KINDS:
+            raise ValueError(f"conv_kind={conv_kind!r} must be one of {CONV_KINDS}")
+        if conv_kernel_size < 1 or conv_kernel_size % 2 == 0:
+            raise ValueError(f"conv_kernel_size={conv_kernel_size} must be a positive odd number")
+        if branch_threshold < 0:
+            raise ValueError(f"branch_threshold={branch_threshold} must be >= 0")
+        if branch_chunk_size is not None and branch_chunk_size < 1:
+            raise ValueError(f"branch_chunk_size={branch_chunk_size} must be positive or None")
+        self.num_heads = num_heads
+        self.conv_kind = conv_kind
+        self.branch_threshold = branch_threshold
+        self.branch_chunk_size = branch_chunk_size
+        self.softmax_branch = softmax_branch
+        self.eps = eps
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        pad = conv_kernel_size // 2
+        if conv_kind == "seq":
+            self.dwconv = nn.Conv2d(
+                num_heads, num_heads, kernel_size=(conv_kernel_size, 1), padding=(pad, 0),
+                groups=num_heads, bias=False,
+            )
+        else:
+            self.dwconv = nn.Conv2d(
+                dim, dim, kernel_size=conv_kernel_size, padding=pad, groups=dim, bias=False
+            )
+
+    def _conv(self, v: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Depthwise convolution of v, ``(B, heads, N, d)`` in and out."""
+        if self.conv_kind == "seq":
+            # v read as a ``heads``-channel image of height N and width d.
+            return self.dwconv(v)
+        batch, heads, _, head_dim = v.shape
+        grid = v.transpose(-2, -1).reshape(batch, heads * head_dim, height, width)
+        out = self.dwconv(grid)
+        return out.reshape(batch, heads, head_dim, height * width).transpose(-2, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: tokens of shape ``(B, H, W, C)``.
+
+        Returns:
+            Tensor of shape ``(B, H, W, C)``.
+        """
+        batch, height, width, channels = x.shape
+        num_tokens = height * width
+        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, d)
+
+        q_hat = F.normalize(q, dim=-1, eps=self.eps)
+        k_hat = F.normalize(k, dim=-1, eps=self.eps)
+        # k̂ᵀv / N, with the 1/N split between the factors so neither the inputs nor the
+        # N-term sum leave the fp16 range.
+        inv_sqrt_n = num_tokens**-0.5
+        kv = torch.matmul((k_hat * inv_sqrt_n).transpose(-2, -1), v * inv_sqrt_n)  # (B, h, d, d)
+        total = torch.matmul(q_hat, kv).float() / math.pi + (0.5 / num_tokens) * v.float()
+        if self.softmax_branch:
+            branch = masked_softmax_attention(
+                q, k, v, threshold=self.branch_threshold, chunk_size=self.branch_chunk_size
+            )
+            total = total + branch.float() / num_tokens
+        # Clamping at eps/N on the 1/N-scaled sum is the eps clamp of the unscaled sum.
+        out = F.normalize(total, dim=-1, eps=self.eps / num_tokens).to(v.dtype)
+        out = out + self._conv(v, height, width)
+
+        out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        return self.proj(out)
+
+
+class SoftmaxAttention(nn.Module):
+    """Multi-head softmax attention through ``F.scaled_dot_product_attention``.
+
+    The baseline twin of :class:`LinearAngularAttention`: same projections, same layout. Global
+    over its input; the block makes it windowed by partitioning the input first.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int = 8, qkv_bias: bool = True):
+        """
+        Args:
+            dim: number of input and output channels.
+            num_heads: number of attention heads; must divide ``dim``.
+            qkv_bias: whether the q, k, v projection has a bias.
+        """
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: tokens of shape ``(B, H, W, C)``.
+
+        Returns:
+            Tensor of shape ``(B, H, W, C)``.
+        """
+        batch, height, width, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        return self.proj(out)
