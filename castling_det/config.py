@@ -1,14 +1,18 @@
-"""Config keys of castling_det: ``add_castling_config(cfg)`` adds ``MODEL.CASTLING.*``."""
+"""Config keys of castling_det: ``add_castling_config(cfg)`` adds ``MODEL.CASTLING.*`` and
+``SOLVER.OPTIMIZER``."""
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_castling_config"]
 
 
 def add_castling_config(cfg: CN) -> CN:
-    """Add the ``MODEL.CASTLING`` node to a Detectron2 config (in place) and return the config.
+    """Add the ``MODEL.CASTLING`` node and ``SOLVER.OPTIMIZER`` to a Detectron2 config, in place.
 
     The defaults describe a Castling-ViT-S read by the FPN adapter; the configs under ``configs/``
     set the rest (``MODEL.BACKBONE.NAME``, ``MODEL.FPN.*``, the heads).
+
+    Returns:
+        The same config, for chaining.
     """
     cfg.MODEL.CASTLING = CN()
     c = cfg.MODEL.CASTLING
@@ -49,4 +53,7 @@ def add_castling_config(cfg: CN) -> CN:
     # Feature maps returned by the bare backbone: "last_feat" and/or "block{i}" (0-based).
     # The FPN adapter reads the one named in MODEL.FPN.IN_FEATURES instead.
     c.OUT_FEATURES = ["last_feat"]
+
+    # Optimizer: "SGD" (Detectron2's) or "ADAMW"; both read the other SOLVER.* keys.
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
     return cfg
