@@ -37,41 +37,67 @@ class CastlingFPN(SimpleFeaturePyramid):
         return {"size_divisibility": self._size_divisibility, "square_size": self._square_pad}
 
 
-def _choice(key: str, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of {list(allowed)}")
-    return value
+def _check(ok: bool, key: str, value, requirement: str) -> None:
+    """Raise a ValueError naming the config key when a value is not allowed."""
+    if not ok:
+        raise ValueError(f"{key}={value!r} is not allowed: {requirement}")
+
+
+def _feature_names(depth: int):
+    return ["last_feat"] + [f"block{i}" for i in range(depth)]
 
 
 def _vit_kwargs(cfg, in_chans: int) -> dict:
-    """Keyword arguments of :class:`CastlingViT` from ``cfg.MODEL.CASTLING`` (validated)."""
+    """Keyword arguments of :class:`CastlingViT` from ``cfg.MODEL.CASTLING``.
+
+    Every value is checked here, so that a bad one is reported by its config key at build time.
+    """
     c = cfg.MODEL.CASTLING
-    embed_dim, depth, num_heads = VIT_PRESETS[_choice("MODEL.CASTLING.SIZE", c.SIZE, VIT_PRESETS)]
-    embed_dim = c.EMBED_DIM or embed_dim
-    depth = c.DEPTH or depth
-    num_heads = c.NUM_HEADS or num_heads
-    if embed_dim % num_heads != 0:
-        raise ValueError(
-            f"MODEL.CASTLING.NUM_HEADS={num_heads} must divide the width "
-            f"MODEL.CASTLING.EMBED_DIM={embed_dim}"
-        )
+    key = "MODEL.CASTLING."
+    _check(c.SIZE in VIT_PRESETS, key + "SIZE", c.SIZE, f"one of {list(VIT_PRESETS)}")
+    embed_dim, depth, num_heads = VIT_PRESETS[c.SIZE]
+    for name in ("EMBED_DIM", "DEPTH", "NUM_HEADS"):
+        _check(c[name] >= 0, key + name, c[name], "0 (the preset's value) or positive")
+    embed_dim, depth, num_heads = c.EMBED_DIM or embed_dim, c.DEPTH or depth, c.NUM_HEADS or num_heads
+    _check(
+        embed_dim % num_heads == 0, key + "NUM_HEADS", num_heads, f"must divide the width {embed_dim}"
+    )
+    _check(c.PATCH_SIZE > 0, key + "PATCH_SIZE", c.PATCH_SIZE, "positive")
+    _check(
+        c.PRETRAIN_IMG_SIZE > 0 and c.PRETRAIN_IMG_SIZE % c.PATCH_SIZE == 0,
+        key + "PRETRAIN_IMG_SIZE", c.PRETRAIN_IMG_SIZE, f"a multiple of PATCH_SIZE={c.PATCH_SIZE}",
+    )
     kinds = list(c.ATTN_KINDS)
-    for kind in kinds:
-        _choice("MODEL.CASTLING.ATTN_KINDS entry", kind, ATTN_KINDS)
-    if len(kinds) not in (1, depth):
-        raise ValueError(
-            f"MODEL.CASTLING.ATTN_KINDS has {len(kinds)} entries; it needs 1 (every block) "
-            f"or one per block ({depth})"
-        )
-    if c.BRANCH_THRESHOLD < 0:
-        raise ValueError(f"MODEL.CASTLING.BRANCH_THRESHOLD={c.BRANCH_THRESHOLD} must be >= 0")
-    feature_names = ["last_feat"] + [f"block{i}" for i in range(depth)]
-    for name in c.OUT_FEATURES:
-        if name not in feature_names:
-            raise ValueError(
-                f"MODEL.CASTLING.OUT_FEATURES entry {name!r} is not one of 'last_feat', "
-                f"'block0'..'block{depth - 1}'"
-            )
+    _check(
+        all(kind in ATTN_KINDS for kind in kinds), key + "ATTN_KINDS", kinds,
+        f"entries must be among {list(ATTN_KINDS)}",
+    )
+    _check(
+        len(kinds) in (1, depth), key + "ATTN_KINDS", kinds,
+        f"needs 1 entry (every block) or one per block ({depth})",
+    )
+    _check(
+        c.WINDOW_SIZE > 0 or "window" not in kinds, key + "WINDOW_SIZE", c.WINDOW_SIZE,
+        "positive when a block uses window attention",
+    )
+    _check(c.MLP_RATIO > 0, key + "MLP_RATIO", c.MLP_RATIO, "positive")
+    _check(0 <= c.DROP_PATH_RATE < 1, key + "DROP_PATH_RATE", c.DROP_PATH_RATE, "in [0, 1)")
+    _check(c.CONV_KIND in ("seq", "grid"), key + "CONV_KIND", c.CONV_KIND, "'seq' or 'grid'")
+    _check(
+        c.CONV_KERNEL_SIZE > 0 and c.CONV_KERNEL_SIZE % 2 == 1, key + "CONV_KERNEL_SIZE",
+        c.CONV_KERNEL_SIZE, "a positive odd number",
+    )
+    _check(c.BRANCH_THRESHOLD >= 0, key + "BRANCH_THRESHOLD", c.BRANCH_THRESHOLD, ">= 0")
+    _check(
+        c.BRANCH_CHUNK_SIZE >= 0, key + "BRANCH_CHUNK_SIZE", c.BRANCH_CHUNK_SIZE,
+        "0 (no chunking) or positive",
+    )
+    out_features = list(c.OUT_FEATURES)
+    _check(
+        len(out_features) > 0 and set(out_features) <= set(_feature_names(depth)),
+        key + "OUT_FEATURES", out_features,
+        f"a non-empty list among 'last_feat', 'block0'..'block{depth - 1}'",
+    )
     return dict(
         img_size=c.PRETRAIN_IMG_SIZE,
         patch_size=c.PATCH_SIZE,
@@ -84,13 +110,13 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
         mlp_ratio=c.MLP_RATIO,
         qkv_bias=c.QKV_BIAS,
         drop_path_rate=c.DROP_PATH_RATE,
-        conv_kind=_choice("MODEL.CASTLING.CONV_KIND", c.CONV_KIND, ("seq", "grid")),
+        conv_kind=c.CONV_KIND,
         conv_kernel_size=c.CONV_KERNEL_SIZE,
         branch_threshold=c.BRANCH_THRESHOLD,
         branch_chunk_size=c.BRANCH_CHUNK_SIZE or None,
         softmax_branch=c.SOFTMAX_BRANCH,
         use_act_checkpoint=c.USE_ACT_CHECKPOINT,
-        out_features=list(c.OUT_FEATURES),
+        out_features=out_features,
     )
 
 
@@ -102,10 +128,12 @@ def build_castling_vit_backbone(cfg, input_shape: ShapeSpec) -> CastlingViT:
 
 def _build_pyramid(cfg, input_shape: ShapeSpec, scale_factors, top_block) -> CastlingFPN:
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
-    if len(in_features) != 1:
-        raise ValueError(
-            f"MODEL.FPN.IN_FEATURES={in_features} must name exactly one Castling-ViT feature"
-        )
+    depth = cfg.MODEL.CASTLING.DEPTH or VIT_PRESETS.get(cfg.MODEL.CASTLING.SIZE, (0, 0, 0))[1]
+    _check(
+        len(in_features) == 1 and in_features[0] in _feature_names(depth),
+        "MODEL.FPN.IN_FEATURES", in_features,
+        f"exactly one of 'last_feat', 'block0'..'block{depth - 1}'",
+    )
     vit_cfg = cfg.clone()
     vit_cfg.defrost()
     vit_cfg.MODEL.CASTLING.OUT_FEATURES = in_features

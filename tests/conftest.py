@@ -1,0 +1,96 @@
+"""Shared helpers of the castling_det test suite: tiny Detectron2 configs built in code."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+
+import castling_det
+
+# Tiny Castling-ViT used throughout: 64 channels, 2 blocks, 2 heads of 32 channels.
+TINY_EMBED_DIM = 64
+TINY_DEPTH = 2
+TINY_NUM_HEADS = 2
+TINY_FPN_CHANNELS = 32
+
+
+def tiny_castling_cfg(backbone_name: str = "build_castling_vit_backbone"):
+    """A mutable Detectron2 config with ``MODEL.CASTLING`` set to a tiny, deterministic ViT."""
+    cfg = get_cfg()
+    castling_det.add_castling_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.BACKBONE.NAME = backbone_name
+    c = cfg.MODEL.CASTLING
+    c.EMBED_DIM = TINY_EMBED_DIM
+    c.DEPTH = TINY_DEPTH
+    c.NUM_HEADS = TINY_NUM_HEADS
+    c.DROP_PATH_RATE = 0.0
+    c.CONV_KERNEL_SIZE = 3
+    c.BRANCH_CHUNK_SIZE = 16
+    cfg.MODEL.FPN.IN_FEATURES = ["last_feat"]
+    cfg.MODEL.FPN.OUT_CHANNELS = TINY_FPN_CHANNELS
+    cfg.MODEL.FPN.NORM = "LN"
+    return cfg
+
+
+def tiny_detector_cfg(meta_arch: str, mask_on: bool = False):
+    """Config of a tiny Faster/Mask R-CNN (``"GeneralizedRCNN"``) or RetinaNet on Castling-ViT."""
+    if meta_arch == "GeneralizedRCNN":
+        cfg = tiny_castling_cfg("build_castling_vit_fpn_backbone")
+    elif meta_arch == "RetinaNet":
+        cfg = tiny_castling_cfg("build_retinanet_castling_vit_fpn_backbone")
+    else:
+        raise ValueError(meta_arch)
+    m = cfg.MODEL
+    m.META_ARCHITECTURE = meta_arch
+    m.MASK_ON = mask_on
+    m.WEIGHTS = ""
+    m.BACKBONE.FREEZE_AT = 0
+    m.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    m.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+
+    m.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    m.RPN.BATCH_SIZE_PER_IMAGE = 32
+    m.RPN.PRE_NMS_TOPK_TRAIN = 200
+    m.RPN.POST_NMS_TOPK_TRAIN = 50
+    m.RPN.PRE_NMS_TOPK_TEST = 100
+    m.RPN.POST_NMS_TOPK_TEST = 20
+
+    m.ROI_HEADS.NAME = "StandardROIHeads"
+    m.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    m.ROI_HEADS.NUM_CLASSES = 3
+    m.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
+    m.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    m.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    m.ROI_BOX_HEAD.NUM_FC = 2
+    m.ROI_BOX_HEAD.FC_DIM = 64
+    m.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    m.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    m.ROI_MASK_HEAD.NUM_CONV = 2
+    m.ROI_MASK_HEAD.CONV_DIM = 32
+    m.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
+
+    m.RETINANET.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    m.RETINANET.NUM_CLASSES = 3
+    m.RETINANET.NUM_CONVS = 1
+    m.RETINANET.SCORE_THRESH_TEST = 0.0
+    m.RETINANET.TOPK_CANDIDATES_TEST = 100
+    cfg.TEST.DETECTIONS_PER_IMAGE = 10
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same RNG state."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def make_castling_cfg():
+    """Factory fixture: ``make_castling_cfg(backbone_name)`` -> tiny backbone config."""
+    return tiny_castling_cfg
+
+
+@pytest.fixture
+def make_detector_cfg():
+    """Factory fixture: ``make_detector_cfg(meta_arch, mask_on=False)`` -> tiny detector config."""
+    return tiny_detector_cfg

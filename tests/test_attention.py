@@ -1,0 +1,471 @@
+"""Tests of castling_det's LinearAngularAttention against an independent re-computation.
+
+The reference below follows the authors' ``LinAngularAttention`` (Castling-ViT, CVPR 2023)
+literally, in float64, from the module's own weights: per head
+
+    x = [ (A * [A > t]) v + ] 0.5 v + (1/pi) q^ (k^T^ v),   A = softmax(q k^T / sqrt(d))
+    x = x / |x| + DWConv(v)
+
+with q^ = q/|q|, k^ = k/|k|; then the heads are merged and projected.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from castling_det import LinearAngularAttention
+from castling_det.modeling.attention import masked_softmax_attention
+
+THRESHOLD = 0.02
+
+
+# --------------------------------------------------------------------------------------------
+# Independent reference
+# --------------------------------------------------------------------------------------------
+def _seq_dwconv_reference(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The seed's ``Conv2d(h, h, (k, 1), padding=(k//2, 0), groups=h, bias=False)`` applied to v.
+
+    v is read as a batch of h-channel images of height N (tokens) and width d (head channels):
+    out[b, h, n, c] = sum_j w[h, j] * v[b, h, n + j - k//2, c], zero outside [0, N).
+    """
+    heads, one, ksize, width = weight.shape
+    assert (one, width) == (1, 1), "seq conv must be a per-head (k x 1) filter"
+    assert heads == v.shape[1]
+    pad = ksize // 2
+    num_tokens = v.shape[2]
+    padded = F.pad(v, (0, 0, pad, pad))  # pad the token axis only
+    out = torch.zeros_like(v)
+    for j in range(ksize):
+        out = out + weight[:, 0, j, 0].view(1, heads, 1, 1) * padded[:, :, j : j + num_tokens, :]
+    return out
+
+
+def _grid_dwconv_reference(
+    v: torch.Tensor, weight: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """Per-channel depthwise k x k convolution of v over the (H, W) token grid.
+
+    Channel ``head * d + c`` of the grid holds v[:, head, :, c]; token n sits at (n // W, n % W).
+    """
+    batch, heads, num_tokens, head_dim = v.shape
+    assert num_tokens == height * width
+    channels, one, ksize, ksize2 = weight.shape
+    assert (channels, one, ksize2) == (heads * head_dim, 1, ksize)
+    # (B, h, N, d) -> (B, h, H, W, d) -> (B, h, d, H, W) -> (B, h*d, H, W)
+    grid = v.reshape(batch, heads, height, width, head_dim).permute(0, 1, 4, 2, 3)
+    grid = grid.reshape(batch, heads * head_dim, height, width)
+    pad = ksize // 2
+    padded = F.pad(grid, (pad, pad, pad, pad))
+    out = torch.zeros_like(grid)
+    for a in range(ksize):
+        for b in range(ksize):
+            tap = weight[:, 0, a, b].view(1, channels, 1, 1)
+            out = out + tap * padded[:, :, a : a + height, b : b + width]
+    # back to (B, h, N, d)
+    out = out.reshape(batch, heads, head_dim, height, width).permute(0, 1, 3, 4, 2)
+    return out.reshape(batch, heads, num_tokens, head_dim)
+
+
+def reference_linear_angular(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias,
+    conv_weight: torch.Tensor,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    *,
+    num_heads: int,
+    branch: bool,
+    threshold: float = THRESHOLD,
+    conv_kind: str = "seq",
+):
+    """Float64 re-computation of the seed formula. x: (B, H, W, C). Returns (out, A or None)."""
+    x = x.double()
+    batch, height, width, channels = x.shape
+    num_tokens = height * width
+    head_dim = channels // num_heads
+    tokens = x.reshape(batch, num_tokens, channels)
+
+    qkv = tokens @ qkv_weight.double().t()
+    if qkv_bias is not None:
+        qkv = qkv + qkv_bias.double()
+    # (B, N, 3C) -> (3, B, h, N, d), the seed's reshape/permute
+    qkv = qkv.reshape(batch, num_tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+
+    attn = None
+    if branch:
+        attn = torch.softmax((q * head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)
+        sparse = attn * (attn > threshold)
+        branch_out = sparse @ v
+
+    q_n = q / q.norm(dim=-1, keepdim=True)
+    k_n = k / k.norm(dim=-1, keepdim=True)
+    kv = k_n.transpose(-2, -1) @ v  # (B, h, d, d)
+    mixed = 0.5 * v + (1.0 / math.pi) * (q_n @ kv)
+    if branch:
+        mixed = branch_out + mixed
+    mixed = mixed / mixed.norm(dim=-1, keepdim=True)
+
+    if conv_kind == "seq":
+        mixed = mixed + _seq_dwconv_reference(v, conv_weight.double())
+    else:
+        mixed = mixed + _grid_dwconv_reference(v, conv_weight.double(), height, width)
+
+    merged = mixed.transpose(1, 2).reshape(batch, num_tokens, channels)
+    out = merged @ proj_weight.double().t() + proj_bias.double()
+    return out.reshape(batch, height, width, channels), attn
+
+
+def reference_from_module(
+    module: LinearAngularAttention, x: torch.Tensor, *, branch: bool, threshold=None
+):
+    return reference_linear_angular(
+        x,
+        module.qkv.weight.detach(),
+        None if module.qkv.bias is None else module.qkv.bias.detach(),
+        module.dwconv.weight.detach(),
+        module.proj.weight.detach(),
+        module.proj.bias.detach(),
+        num_heads=module.num_heads,
+        branch=branch,
+        threshold=module.branch_threshold if threshold is None else threshold,
+        conv_kind=module.conv_kind,
+    )
+
+
+def _make_module(conv_kind: str, kernel_size: int, *, qkv_std: float = 0.1, **kwargs):
+    """A 64-wide, 2-head module with weights large enough that the branch mask matters."""
+    module = LinearAngularAttention(
+        dim=64, num_heads=2, conv_kind=conv_kind, conv_kernel_size=kernel_size, **kwargs
+    )
+    with torch.no_grad():
+        module.qkv.weight.normal_(0.0, qkv_std)
+        if module.qkv.bias is not None:
+            module.qkv.bias.normal_(0.0, 0.1)
+        module.dwconv.weight.normal_(0.0, 0.3)
+        module.proj.bias.normal_(0.0, 0.1)
+    return module.eval()
+
+
+def _input_away_from_threshold(module, shape=(2, 5, 7, 64), threshold=None):
+    """A random input whose reference softmax weights all keep a 1e-6 margin from the threshold.
+
+    fp32 and fp64 may disagree on the mask of a weight within rounding of the threshold (a jump of
+    about threshold * |v| in the output), so such inputs are skipped, deterministically.
+    """
+    threshold = module.branch_threshold if threshold is None else threshold
+    for seed in range(100):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        _, attn = reference_from_module(module, x, branch=True, threshold=threshold)
+        if (attn - threshold).abs().min().item() > 1e-6:
+            return x
+    raise AssertionError("no input found whose softmax weights avoid the threshold")
+
+
+def _assert_mask_is_exercised(attn: torch.Tensor, threshold: float = THRESHOLD):
+    """The reference softmax must have weights on both sides of the threshold, none on the edge.
+
+    Otherwise the masked branch would be either untested or numerically ambiguous between the
+    fp32 module and the fp64 reference.
+    """
+    kept = (attn > threshold).double().mean().item()
+    assert 0.05 < kept < 0.95, f"fraction of kept attention weights {kept} does not test the mask"
+    assert (attn - threshold).abs().min().item() > 1e-6, "a weight sits on the threshold"
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement with the reference
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("branch", [False, True], ids=["branch_off", "branch_on"])
+@pytest.mark.parametrize("chunk_size", [None, 8], ids=["unchunked", "chunk8"])
+def test_seq_conv_matches_seed_formula(branch, chunk_size):
+    module = _make_module("seq", 9, softmax_branch=branch, branch_chunk_size=chunk_size)
+    assert tuple(module.dwconv.weight.shape) == (2, 1, 9, 1)  # the seed's Conv2d(h, h, (9, 1))
+    x = _input_away_from_threshold(module)  # shape (2, 5, 7, 64): non-square 5 x 7 grid, N = 35, batch 2
+
+    with torch.no_grad():
+        out = module(x)
+    expected, attn = reference_from_module(module, x, branch=branch)
+
+    assert out.dtype == torch.float32
+    assert out.shape == (2, 5, 7, 64)
+    if branch:
+        _assert_mask_is_exercised(attn)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_branch_changes_output_and_reference_distinguishes_it():
+    """Guard against a vacuous comparison: the branch must matter at the 1e-5 tolerance."""
+    module = _make_module("seq", 9)
+    x = _input_away_from_threshold(module)
+    with torch.no_grad():
+        module.softmax_branch = True
+        on = module(x)
+        module.softmax_branch = False
+        off = module(x)
+    assert (on - off).abs().max().item() > 1e-2
+    # and the reference with the wrong branch setting does not match either output
+    ref_off, _ = reference_from_module(module, x, branch=False)
+    ref_on, _ = reference_from_module(module, x, branch=True)
+    assert (on.double() - ref_off).abs().max().item() > 1e-2
+    assert (off.double() - ref_on).abs().max().item() > 1e-2
+
+
+def test_branch_threshold_is_used():
+    module = _make_module("seq", 9, branch_threshold=0.05)
+    x = _input_away_from_threshold(module)
+    with torch.no_grad():
+        out = module(x)
+    expected, attn = reference_from_module(module, x, branch=True)
+    _assert_mask_is_exercised(attn, 0.05)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    # the default threshold gives a different answer
+    other, _ = reference_linear_angular(
+        x, module.qkv.weight.detach(), module.qkv.bias.detach(), module.dwconv.weight.detach(),
+        module.proj.weight.detach(), module.proj.bias.detach(),
+        num_heads=2, branch=True, threshold=THRESHOLD,
+    )
+    assert (out.double() - other).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["branch_off", "branch_on"])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_grid_conv_matches_reference(branch, kernel_size):
+    module = _make_module("grid", kernel_size, softmax_branch=branch)
+    assert tuple(module.dwconv.weight.shape) == (64, 1, kernel_size, kernel_size)
+    x = _input_away_from_threshold(module)
+    with torch.no_grad():
+        out = module(x)
+    expected, attn = reference_from_module(module, x, branch=branch)
+    if branch:
+        _assert_mask_is_exercised(attn)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_grid_conv_differs_from_a_transposed_grid():
+    """The grid layout matters: reading the tokens as a W x H grid gives another result."""
+    module = _make_module("grid", 3, softmax_branch=False)
+    x = torch.randn(2, 5, 7, 64)
+    with torch.no_grad():
+        out = module(x)
+    v = (
+        F.linear(x.double().reshape(2, 35, 64), module.qkv.weight.double(), module.qkv.bias.double())
+        .reshape(2, 35, 3, 2, 32)
+        .permute(2, 0, 3, 1, 4)[2]
+    )
+    right = _grid_dwconv_reference(v, module.dwconv.weight.detach().double(), 5, 7)
+    wrong = _grid_dwconv_reference(v, module.dwconv.weight.detach().double(), 7, 5)
+    assert (right - wrong).abs().max().item() > 1e-2
+    expected, _ = reference_from_module(module, x, branch=False)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_without_qkv_bias_matches_reference():
+    module = _make_module("seq", 9, qkv_bias=False)
+    assert module.qkv.bias is None
+    x = _input_away_from_threshold(module)
+    with torch.no_grad():
+        out = module(x)
+    expected, attn = reference_from_module(module, x, branch=True)
+    _assert_mask_is_exercised(attn)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("conv_kind", ["seq", "grid"])
+@pytest.mark.parametrize("branch", [False, True], ids=["branch_off", "branch_on"])
+def test_all_zero_input_is_finite(conv_kind, branch):
+    module = LinearAngularAttention(
+        dim=64, num_heads=2, conv_kind=conv_kind, conv_kernel_size=3, softmax_branch=branch
+    )
+    with torch.no_grad():
+        module.qkv.bias.zero_()
+        module.proj.bias.normal_()
+    x = torch.zeros(2, 5, 7, 64, requires_grad=True)
+    out = module(x)
+    assert torch.isfinite(out).all()
+    # q = k = v = 0: the normalised sum and the convolution vanish, only the projection bias is left
+    torch.testing.assert_close(out, module.proj.bias.detach().expand(2, 5, 7, 64), rtol=0, atol=1e-6)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    for name, param in module.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
+
+
+def test_zero_tokens_among_nonzero_tokens_are_finite():
+    """A single all-zero token (zero padding) must not poison the others through the sums."""
+    module = LinearAngularAttention(dim=64, num_heads=2, qkv_bias=False, conv_kernel_size=3)
+    x = torch.randn(1, 4, 6, 64)
+    x[0, 0, 0] = 0.0
+    with torch.no_grad():
+        out = module(x)
+    assert torch.isfinite(out).all()
+
+
+def test_bf16_large_n_matches_fp32():
+    """At N = 16384 tokens the bf16 module stays finite and close to fp32 (branch off)."""
+    module = LinearAngularAttention(dim=64, num_heads=2, softmax_branch=False).eval()
+    x = torch.randn(1, 128, 128, 64)
+    with torch.no_grad():
+        ref = module(x)
+        module_bf16 = copy.deepcopy(module).to(torch.bfloat16)
+        out = module_bf16(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert out.shape == ref.shape
+    assert torch.isfinite(ref).all()
+    assert torch.isfinite(out).all()
+    # the outputs are O(1) (normalised per head before a 64-wide projection), so an absolute
+    # tolerance of 2e-2 is a few bf16 ulps of the largest entries
+    assert ref.abs().max().item() < 4.0
+    assert ref.abs().mean().item() > 0.05
+    diff = (out.float() - ref).abs().max().item()
+    assert diff < 2e-2, f"bf16 vs fp32 max abs difference {diff}"
+
+
+def test_fp16_sum_over_many_aligned_tokens_does_not_overflow():
+    """k̂ᵀv over N = 65,536 identical tokens reaches N·|v| ≈ 1e6 unscaled, past fp16's 65,504.
+
+    With every term of the sum scaled by 1/N the fp16 output is finite and matches fp32.
+    """
+    module = LinearAngularAttention(dim=32, num_heads=1, softmax_branch=False).eval()
+    x = (4.0 * torch.randn(1, 1, 1, 32)).expand(1, 256, 256, 32).contiguous()
+    with torch.no_grad():
+        ref = module(x)
+        unscaled_sum = module.qkv(x[0, 0, 0]).chunk(3)[2].abs().max().item() * 256 * 256
+        out = copy.deepcopy(module).half()(x.half())
+    assert unscaled_sum > torch.finfo(torch.float16).max  # the case really overflows unscaled
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
+
+
+def test_fp32_large_n_matches_float64_reference():
+    """The 1/N rescaling inside the module is exact: at N = 4096 fp32 still matches float64."""
+    module = _make_module("seq", 9, softmax_branch=False)
+    x = torch.randn(1, 64, 64, 64)
+    with torch.no_grad():
+        out = module(x)
+    expected, _ = reference_from_module(module, x, branch=False)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# The masked softmax branch
+# --------------------------------------------------------------------------------------------
+def test_chunked_branch_equals_unchunked():
+    q = torch.randn(2, 2, 40, 16) * 2.0
+    k = torch.randn(2, 2, 40, 16) * 2.0
+    v = torch.randn(2, 2, 40, 16)
+    full = masked_softmax_attention(q, k, v, threshold=THRESHOLD)
+    chunked = masked_softmax_attention(q, k, v, threshold=THRESHOLD, chunk_size=7)
+    assert chunked.shape == full.shape == (2, 2, 40, 16)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-6)
+
+    # the result is the masked softmax attention, and the mask does drop some weights
+    attn = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 4.0, dim=-1)
+    kept = attn > THRESHOLD
+    assert kept.any() and (~kept).any()
+    assert (attn - THRESHOLD).abs().min().item() > 1e-6
+    expected = (attn * kept) @ v.double()
+    torch.testing.assert_close(full.double(), expected, rtol=0, atol=1e-5)
+    unmasked = masked_softmax_attention(q, k, v, threshold=0.0)
+    assert (unmasked - full).abs().max().item() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# No N x N tensor with the branch off
+# --------------------------------------------------------------------------------------------
+class _OutputSizeRecorder(TorchDispatchMode):
+    """Records the largest tensor produced by any ATen op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+        self.max_shape = None
+        self.num_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.num_ops += 1
+        for leaf in tree_leaves(result):
+            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.max_numel:
+                self.max_numel = leaf.numel()
+                self.max_shape = tuple(leaf.shape)
+        return result
+
+
+def _largest_output(module, x):
+    recorder = _OutputSizeRecorder()
+    with torch.no_grad(), recorder:
+        out = module(x)
+    assert recorder.num_ops > 10  # the mode really saw the forward
+    assert torch.isfinite(out).all()
+    return recorder.max_numel, recorder.max_shape
+
+
+@pytest.mark.parametrize("conv_kind", ["seq", "grid"])
+def test_no_quadratic_tensor_with_branch_off(conv_kind):
+    height = width = 64
+    num_tokens = height * width  # 4096
+    x = torch.randn(1, height, width, 64)
+    module = LinearAngularAttention(
+        dim=64, num_heads=2, conv_kind=conv_kind, conv_kernel_size=3,
+        softmax_branch=False, branch_chunk_size=None,
+    ).eval()
+
+    numel, shape = _largest_output(module, x)
+    assert numel < num_tokens * num_tokens, f"branch off formed a tensor of shape {shape}"
+
+    # positive control: the same module with the (unchunked) branch on does form N x N scores
+    module.softmax_branch = True
+    numel_on, shape_on = _largest_output(module, x)
+    assert numel_on >= num_tokens * num_tokens, shape_on
+
+
+def test_chunked_branch_bounds_the_score_tensor():
+    height = width = 64
+    num_tokens = height * width
+    x = torch.randn(1, height, width, 64)
+    module = LinearAngularAttention(
+        dim=64, num_heads=2, conv_kernel_size=3, softmax_branch=True, branch_chunk_size=512
+    ).eval()
+    numel, shape = _largest_output(module, x)
+    # at most chunk x N scores per head (1 image, 2 heads)
+    assert numel <= 2 * 512 * num_tokens, shape
+    assert numel < num_tokens * num_tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Constructor validation
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(dim=64, num_heads=3),
+        dict(dim=64, num_heads=2, conv_kind="diagonal"),
+        dict(dim=64, num_heads=2, conv_kernel_size=4),
+        dict(dim=64, num_heads=2, conv_kernel_size=0),
+        dict(dim=64, num_heads=2, branch_threshold=-0.01),
+        dict(dim=64, num_heads=2, branch_chunk_size=0),
+    ],
+    ids=["heads_not_dividing_dim", "unknown_conv_kind", "even_kernel", "zero_kernel",
+         "negative_threshold", "zero_chunk"],
+)
+def test_constructor_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        LinearAngularAttention(**kwargs)
+
+
+def test_constructor_accepts_valid_edge_arguments():
+    module = LinearAngularAttention(
+        dim=64, num_heads=64, conv_kind="grid", conv_kernel_size=1, branch_threshold=0.0,
+        branch_chunk_size=None,
+    )
+    out = module(torch.randn(1, 2, 3, 64))
+    assert out.shape == (1, 2, 3, 64)

@@ -1,0 +1,168 @@
+"""Faster R-CNN, Mask R-CNN and RetinaNet on Castling-ViT, built by Detectron2's ``build_model``.
+
+One training step and one inference step on a 2-image batch of different sizes, neither a
+multiple of 32.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
+
+import castling_det
+from castling_det import CastlingFPN, LinearAngularAttention
+
+IMAGE_SIZES = [(120, 150), (100, 90)]  # (H, W), both not multiples of 32
+
+DETECTORS = {
+    # id: (meta architecture, mask_on, expected loss names)
+    "faster_rcnn": (
+        "GeneralizedRCNN", False, {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"}
+    ),
+    "mask_rcnn": (
+        "GeneralizedRCNN", True,
+        {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"},
+    ),
+    "retinanet": ("RetinaNet", False, {"loss_cls", "loss_box_reg"}),
+}
+
+
+def _box_polygon(x0, y0, x1, y1):
+    """A polygon (list of one flat xy array) filling a diamond inside the box."""
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return [np.array([cx, y0, x1, cy, cx, y1, x0, cy], dtype=np.float64)]
+
+
+def _batch(mask_kind=None):
+    """Two images with two and three ground-truth boxes, as a Detectron2 data loader gives them."""
+    gt = [
+        ([[10.0, 12.0, 70.0, 80.0], [60.0, 30.0, 140.0, 110.0]], [0, 2]),
+        ([[5.0, 8.0, 50.0, 60.0], [30.0, 40.0, 85.0, 95.0], [20.0, 10.0, 45.0, 30.0]], [1, 0, 2]),
+    ]
+    inputs = []
+    for index, ((height, width), (boxes, classes)) in enumerate(zip(IMAGE_SIZES, gt)):
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+        instances = Instances((height, width))
+        instances.gt_boxes = Boxes(torch.tensor(boxes))
+        instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
+        if mask_kind == "polygon":
+            instances.gt_masks = PolygonMasks([_box_polygon(*box) for box in boxes])
+        elif mask_kind == "bitmask":
+            masks = torch.zeros(len(boxes), height, width, dtype=torch.bool)
+            for m, (x0, y0, x1, y1) in enumerate(boxes):
+                masks[m, int(y0) : int(y1), int(x0) : int(x1)] = True
+            instances.gt_masks = BitMasks(masks)
+        inputs.append(
+            {"image": image, "instances": instances, "height": height, "width": width,
+             "image_id": index}
+        )
+    return inputs
+
+
+def _castling_modules(model):
+    return [m for m in model.modules() if isinstance(m, LinearAngularAttention)]
+
+
+CASES = [
+    pytest.param("faster_rcnn", None, id="faster_rcnn"),
+    pytest.param("mask_rcnn", "polygon", id="mask_rcnn_polygons"),
+    pytest.param("mask_rcnn", "bitmask", id="mask_rcnn_bitmasks"),
+    pytest.param("retinanet", None, id="retinanet"),
+]
+
+
+@pytest.mark.parametrize("detector,mask_kind", CASES)
+def test_train_and_inference_step(make_detector_cfg, detector, mask_kind):
+    meta_arch, mask_on, loss_names = DETECTORS[detector]
+    cfg = make_detector_cfg(meta_arch, mask_on=mask_on)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+
+    assert type(model).__name__ == meta_arch
+    assert isinstance(model.backbone, CastlingFPN)
+    assert len(_castling_modules(model)) == cfg.MODEL.CASTLING.DEPTH
+    assert model.backbone.size_divisibility == 32
+
+    # ---- one training step
+    model.train()
+    batch = _batch(mask_kind)
+    with EventStorage(0):
+        losses = model(batch)
+    assert set(losses) == loss_names
+    for name, value in losses.items():
+        assert isinstance(value, torch.Tensor), name
+        assert value.dim() == 0, name
+        assert torch.isfinite(value), f"{name} = {value}"
+    total = sum(losses.values())
+    assert total.item() > 0
+    total.backward()
+
+    attn = model.backbone.net.blocks[0].attn
+    assert isinstance(attn, LinearAngularAttention)
+    for param in (attn.qkv.weight, attn.dwconv.weight, model.backbone.net.patch_embed.proj.weight):
+        assert param.grad is not None
+        assert torch.isfinite(param.grad).all()
+        assert param.grad.abs().sum().item() > 0
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+    # ---- one inference step, deployed as in the paper: softmax branch off
+    model.eval()
+    with torch.no_grad(), castling_det.softmax_branch(model, False):
+        outputs = model(_batch())
+    assert all(m.softmax_branch for m in _castling_modules(model))  # restored after the block
+    assert isinstance(outputs, list) and len(outputs) == 2
+    for output, (height, width) in zip(outputs, IMAGE_SIZES):
+        assert set(output) >= {"instances"}
+        instances = output["instances"]
+        assert instances.image_size == (height, width)
+        assert 0 < len(instances) <= cfg.TEST.DETECTIONS_PER_IMAGE
+        for field in ("pred_boxes", "scores", "pred_classes"):
+            assert instances.has(field), field
+        boxes = instances.pred_boxes.tensor
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all()
+        assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= height).all()
+        assert ((instances.pred_classes >= 0) & (instances.pred_classes < 3)).all()
+        assert torch.isfinite(instances.scores).all()
+        if mask_on:
+            assert instances.has("pred_masks")
+            assert instances.pred_masks.shape == (len(instances), height, width)
+        else:
+            assert not instances.has("pred_masks")
+
+
+def test_inference_pads_the_batch_to_the_pyramid_stride(make_detector_cfg):
+    """The detector pads its 120x150 / 100x90 batch to 128x160, so p2..p6 are exact halvings."""
+    cfg = make_detector_cfg("GeneralizedRCNN")
+    model = build_model(cfg).eval()
+    images = model.preprocess_image(_batch())
+    assert images.tensor.shape == (2, 3, 128, 160)
+    assert images.image_sizes == IMAGE_SIZES
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+    sizes = {name: tuple(f.shape[-2:]) for name, f in features.items()}
+    assert sizes == {
+        "p2": (32, 40), "p3": (16, 20), "p4": (8, 10), "p5": (4, 5),
+        "p6": (math.ceil(4 / 2), math.ceil(5 / 2)),
+    }
+
+
+def test_inference_with_branch_on_and_off_differs(make_detector_cfg):
+    """Switching the branch changes what the detector sees (the switch reaches the backbone)."""
+    cfg = make_detector_cfg("RetinaNet")
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for module in _castling_modules(model):
+            module.qkv.weight.normal_(0.0, 0.2)
+        images = model.preprocess_image(_batch())
+        on = model.backbone(images.tensor)
+        with castling_det.softmax_branch(model, False):
+            off = model.backbone(images.tensor)
+        on_again = model.backbone(images.tensor)
+    assert set(on) == {"p3", "p4", "p5", "p6", "p7"}
+    assert max((on[k] - off[k]).abs().max().item() for k in on) > 1e-3
+    assert all(torch.equal(on[k], on_again[k]) for k in on)
