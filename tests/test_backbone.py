@@ -431,3 +431,35 @@ def test_size_presets_without_overrides(make_castling_cfg):
     assert backbone.output_shape()["last_feat"].channels == 192
     assert len(backbone.blocks) == 12
     assert backbone.blocks[0].attn.num_heads == 3
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(make_castling_cfg):
+    cfg = make_castling_cfg("build_castling_vit_backbone")
+    cfg.MODEL.CASTLING.ATTN_KINDS = ["castling", "window"]
+    cfg.MODEL.CASTLING.WINDOW_SIZE = 3
+    plain = build_backbone(cfg).train()
+    cfg.MODEL.CASTLING.USE_ACT_CHECKPOINT = True
+    checkpointed = build_backbone(cfg).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 80, 112)
+    outputs, grads = [], []
+    for model in (plain, checkpointed):
+        out = model(x)["last_feat"]
+        out.square().mean().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+    assert grads[0].abs().sum() > 0
+
+
+def test_drop_path_rises_linearly_over_the_blocks(make_castling_cfg):
+    cfg = make_castling_cfg("build_castling_vit_backbone")
+    cfg.MODEL.CASTLING.DEPTH = 3
+    cfg.MODEL.CASTLING.DROP_PATH_RATE = 0.2
+    model = build_backbone(cfg)
+    assert [block.drop_path.p for block in model.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)["last_feat"], model(x)["last_feat"])  # no dropping in eval

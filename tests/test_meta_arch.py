@@ -166,3 +166,33 @@ def test_inference_with_branch_on_and_off_differs(make_detector_cfg):
     assert set(on) == {"p3", "p4", "p5", "p6", "p7"}
     assert max((on[k] - off[k]).abs().max().item() for k in on) > 1e-3
     assert all(torch.equal(on[k], on_again[k]) for k in on)
+
+
+def test_lazyconfig_vitdet_mask_rcnn_with_castling_backbone():
+    """The model classes take plain keyword arguments, so LazyConfig builds them as they are:
+    Detectron2's own ViTDet Mask R-CNN config with its backbone swapped for Castling-ViT."""
+    from detectron2 import model_zoo
+    from detectron2.config import LazyCall as L
+    from detectron2.config import instantiate
+    from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+    model_cfg = model_zoo.get_config("common/models/mask_rcnn_vitdet.py").model
+    model_cfg.backbone = L(CastlingFPN)(
+        net=L(castling_det.CastlingViT)(embed_dim=64, depth=2, num_heads=2, conv_kind="grid",
+                                        conv_kernel_size=3),
+        in_feature="last_feat",
+        out_channels=256,  # what the config's heads are laid out for
+        scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=L(LastLevelMaxPool)(),
+        norm="LN",
+    )
+    model_cfg.roi_heads.num_classes = 3
+    model = instantiate(model_cfg)
+    assert isinstance(model.backbone.net, castling_det.CastlingViT)
+    assert len(_castling_modules(model)) == 2
+
+    model.train()
+    with EventStorage(0):
+        losses = model(_batch("polygon"))
+    assert {"loss_mask", "loss_cls", "loss_rpn_cls"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())

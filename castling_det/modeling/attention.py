@@ -47,7 +47,36 @@ def masked_softmax_attention(
     return torch.cat(outputs, dim=-2)
 
 
-class LinearAngularAttention(nn.Module):
+class _MultiHeadAttention(nn.Module):
+    """What every attention here shares: the q, k, v and output projections over heads."""
+
+    def __init__(self, *, dim: int, num_heads: int = 8, qkv_bias: bool = True):
+        """
+        Args:
+            dim: number of input and output channels.
+            num_heads: number of attention heads; must divide ``dim``.
+            qkv_bias: whether the q, k, v projection has a bias.
+        """
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _project_qkv(self, x: torch.Tensor):
+        """Tokens ``(B, H, W, C)`` to q, k, v of shape ``(B, heads, H·W, C / heads)`` each."""
+        batch, height, width, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _project_out(self, out: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Per-head outputs ``(B, heads, H·W, d)`` to projected tokens ``(B, H, W, C)``."""
+        batch = out.shape[0]
+        return self.proj(out.transpose(1, 2).reshape(batch, height, width, -1))
+
+
+class LinearAngularAttention(_MultiHeadAttention):
     """Castling-ViT's linear-angular attention (You et al., CVPR 2023).
 
     Per head, with ``q̂ = q/‖q‖`` and ``k̂ = k/‖k‖``::
@@ -93,9 +122,7 @@ class LinearAngularAttention(nn.Module):
             softmax_branch: whether the auxiliary softmax branch is on at construction.
             eps: lower clamp of every L2 norm.
         """
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        super().__init__(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
         if conv_kind not in CONV_KINDS:
             raise ValueError(f"conv_kind={conv_kind!r} must be one of {CONV_KINDS}")
         if conv_kernel_size < 1 or conv_kernel_size % 2 == 0:
@@ -104,15 +131,12 @@ class LinearAngularAttention(nn.Module):
             raise ValueError(f"branch_threshold={branch_threshold} must be >= 0")
         if branch_chunk_size is not None and branch_chunk_size < 1:
             raise ValueError(f"branch_chunk_size={branch_chunk_size} must be positive or None")
-        self.num_heads = num_heads
         self.conv_kind = conv_kind
         self.branch_threshold = branch_threshold
         self.branch_chunk_size = branch_chunk_size
         self.softmax_branch = softmax_branch
         self.eps = eps
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
         pad = conv_kernel_size // 2
         if conv_kind == "seq":
             self.dwconv = nn.Conv2d(
@@ -142,10 +166,9 @@ class LinearAngularAttention(nn.Module):
         Returns:
             Tensor of shape ``(B, H, W, C)``.
         """
-        batch, height, width, channels = x.shape
+        height, width = x.shape[1:3]
         num_tokens = height * width
-        qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, d)
+        q, k, v = self._project_qkv(x)
 
         q_hat = F.normalize(q, dim=-1, eps=self.eps)
         k_hat = F.normalize(k, dim=-1, eps=self.eps)
@@ -162,31 +185,16 @@ class LinearAngularAttention(nn.Module):
         # Clamping at eps/N on the 1/N-scaled sum is the eps clamp of the unscaled sum.
         out = F.normalize(total, dim=-1, eps=self.eps / num_tokens).to(v.dtype)
         out = out + self._conv(v, height, width)
-
-        out = out.transpose(1, 2).reshape(batch, height, width, channels)
-        return self.proj(out)
+        return self._project_out(out, height, width)
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(_MultiHeadAttention):
     """Multi-head softmax attention through ``F.scaled_dot_product_attention``.
 
-    The baseline twin of :class:`LinearAngularAttention`: same projections, same layout. Global
-    over its input; the block makes it windowed by partitioning the input first.
+    The baseline twin of :class:`LinearAngularAttention`: same projections, same layout, same
+    keyword arguments ``dim``, ``num_heads``, ``qkv_bias``. Global over its input; the block makes
+    it windowed by partitioning the input first.
     """
-
-    def __init__(self, *, dim: int, num_heads: int = 8, qkv_bias: bool = True):
-        """
-        Args:
-            dim: number of input and output channels.
-            num_heads: number of attention heads; must divide ``dim``.
-            qkv_bias: whether the q, k, v projection has a bias.
-        """
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -196,9 +204,6 @@ class SoftmaxAttention(nn.Module):
         Returns:
             Tensor of shape ``(B, H, W, C)``.
         """
-        batch, height, width, channels = x.shape
-        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self._project_qkv(x)
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(batch, height, width, channels)
-        return self.proj(out)
+        return self._project_out(out, *x.shape[1:3])
