@@ -13,6 +13,7 @@ from .modeling import (
     build_castling_vit_backbone,
     build_castling_vit_fpn_backbone,
     build_retinanet_castling_vit_fpn_backbone,
+    set_branch_scale,
     set_softmax_branch,
     softmax_branch,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "build_castling_vit_backbone",
     "build_castling_vit_fpn_backbone",
     "build_retinanet_castling_vit_fpn_backbone",
+    "set_branch_scale",
     "set_softmax_branch",
     "softmax_branch",
 ]

@@ -1,12 +1,12 @@
 """Config keys of castling_det: ``add_castling_config(cfg)`` adds ``MODEL.CASTLING.*`` and
-``SOLVER.OPTIMIZER``."""
+``SOLVER.OPTIMIZER``, ``SOLVER.LR_DECAY_RATE`` and ``TEST.FLOPS_NUM_IMAGES``."""
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_castling_config"]
 
 
 def add_castling_config(cfg: CN) -> CN:
-    """Add the ``MODEL.CASTLING`` node and ``SOLVER.OPTIMIZER`` to a Detectron2 config, in place.
+    """Add castling_det's keys to a Detectron2 config, in place.
 
     The defaults describe a Castling-ViT-S read by the FPN adapter; the configs under ``configs/``
     set the rest (``MODEL.BACKBONE.NAME``, ``MODEL.FPN.*``, the heads).
@@ -42,18 +42,34 @@ def add_castling_config(cfg: CN) -> CN:
     c.CONV_KIND = "seq"
     # Its kernel size k (odd): 9 for "seq" as in the paper, 3 is usual for "grid".
     c.CONV_KERNEL_SIZE = 9
-    # Whether the auxiliary masked softmax branch is on when the model is built (training).
-    c.SOFTMAX_BRANCH = True
-    # Softmax weights at or below this are masked out of the branch.
-    c.BRANCH_THRESHOLD = 0.02
-    # Queries per chunk when computing the branch (exact; bounds its memory); 0: all at once.
-    c.BRANCH_CHUNK_SIZE = 1024
     # Recompute block activations in the backward pass to save memory.
     c.USE_ACT_CHECKPOINT = False
     # Feature maps returned by the bare backbone: "last_feat" and/or "block{i}" (0-based).
     # The FPN adapter reads the one named in MODEL.FPN.IN_FEATURES instead.
     c.OUT_FEATURES = ["last_feat"]
 
-    # Optimizer: "SGD" (Detectron2's) or "ADAMW"; both read the other SOLVER.* keys.
+    # The auxiliary masked softmax branch, used in training and retired by its end
+    # (castling_det/engine/branch_schedule.py explains the schedule).
+    c.BRANCH = CN()
+    # Whether the branch is on when the model is built.
+    c.BRANCH.ENABLED = True
+    # Softmax weights at or below this are masked out of the branch.
+    c.BRANCH.THRESHOLD = 0.02
+    # Queries per chunk when computing the branch (exact; bounds its memory); 0: all at once.
+    c.BRANCH.CHUNK_SIZE = 1024
+    # Final weight of the L1 penalty on the softmax mass the mask keeps (loss_branch_l1).
+    c.BRANCH.L1_WEIGHT = 1.0
+    # Fraction of training over which that weight ramps up linearly from 0.
+    c.BRANCH.L1_RAMP_END = 0.5
+    # Fractions of training where the branch's scale starts to fall from 1 (linearly) and
+    # where it reaches exactly 0; from then on the branch is not computed at all.
+    c.BRANCH.ANNEAL_START = 0.5
+    c.BRANCH.ANNEAL_END = 0.8
+
+    # Optimizer: "SGD" or "ADAMW"; both read the other SOLVER.* keys.
     cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Layer-wise learning-rate decay over the ViT blocks (1.0: none; ViTDet uses 0.7 for ViT-B).
+    cfg.SOLVER.LR_DECAY_RATE = 1.0
+    # Images whose GFLOPs the branch-switch evaluation averages (first of the first test set).
+    cfg.TEST.FLOPS_NUM_IMAGES = 3
     return cfg

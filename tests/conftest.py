@@ -1,7 +1,9 @@
 """Shared helpers of the castling_det test suite: tiny Detectron2 configs built in code."""
+import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
 import castling_det
 
@@ -10,6 +12,7 @@ TINY_EMBED_DIM = 64
 TINY_DEPTH = 2
 TINY_NUM_HEADS = 2
 TINY_FPN_CHANNELS = 32
+IMAGE_SIZES = [(120, 150), (100, 90)]  # (H, W) of detection_batch, both not multiples of 32
 
 
 def tiny_castling_cfg(backbone_name: str = "build_castling_vit_backbone"):
@@ -24,7 +27,7 @@ def tiny_castling_cfg(backbone_name: str = "build_castling_vit_backbone"):
     c.NUM_HEADS = TINY_NUM_HEADS
     c.DROP_PATH_RATE = 0.0
     c.CONV_KERNEL_SIZE = 3
-    c.BRANCH_CHUNK_SIZE = 16
+    c.BRANCH.CHUNK_SIZE = 16
     cfg.MODEL.FPN.IN_FEATURES = ["last_feat"]
     cfg.MODEL.FPN.OUT_CHANNELS = TINY_FPN_CHANNELS
     cfg.MODEL.FPN.NORM = "LN"
@@ -94,3 +97,35 @@ def make_castling_cfg():
 def make_detector_cfg():
     """Factory fixture: ``make_detector_cfg(meta_arch, mask_on=False)`` -> tiny detector config."""
     return tiny_detector_cfg
+
+
+def _box_polygon(x0, y0, x1, y1):
+    """A polygon (list of one flat xy array) filling a diamond inside the box."""
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return [np.array([cx, y0, x1, cy, cx, y1, x0, cy], dtype=np.float64)]
+
+
+def detection_batch(mask_kind=None):
+    """Two images with two and three ground-truth boxes, as a Detectron2 data loader gives them."""
+    gt = [
+        ([[10.0, 12.0, 70.0, 80.0], [60.0, 30.0, 140.0, 110.0]], [0, 2]),
+        ([[5.0, 8.0, 50.0, 60.0], [30.0, 40.0, 85.0, 95.0], [20.0, 10.0, 45.0, 30.0]], [1, 0, 2]),
+    ]
+    inputs = []
+    for index, ((height, width), (boxes, classes)) in enumerate(zip(IMAGE_SIZES, gt)):
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+        instances = Instances((height, width))
+        instances.gt_boxes = Boxes(torch.tensor(boxes))
+        instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
+        if mask_kind == "polygon":
+            instances.gt_masks = PolygonMasks([_box_polygon(*box) for box in boxes])
+        elif mask_kind == "bitmask":
+            masks = torch.zeros(len(boxes), height, width, dtype=torch.bool)
+            for m, (x0, y0, x1, y1) in enumerate(boxes):
+                masks[m, int(y0) : int(y1), int(x0) : int(x1)] = True
+            instances.gt_masks = BitMasks(masks)
+        inputs.append(
+            {"image": image, "instances": instances, "height": height, "width": width,
+             "image_id": index}
+        )
+    return inputs

@@ -362,10 +362,11 @@ def test_chunked_branch_equals_unchunked():
     q = torch.randn(2, 2, 40, 16) * 2.0
     k = torch.randn(2, 2, 40, 16) * 2.0
     v = torch.randn(2, 2, 40, 16)
-    full = masked_softmax_attention(q, k, v, threshold=THRESHOLD)
-    chunked = masked_softmax_attention(q, k, v, threshold=THRESHOLD, chunk_size=7)
+    full, full_mass = masked_softmax_attention(q, k, v, threshold=THRESHOLD)
+    chunked, chunked_mass = masked_softmax_attention(q, k, v, threshold=THRESHOLD, chunk_size=7)
     assert chunked.shape == full.shape == (2, 2, 40, 16)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked_mass, full_mass, rtol=0, atol=1e-6)
 
     # the result is the masked softmax attention, and the mask does drop some weights
     attn = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 4.0, dim=-1)
@@ -374,8 +375,12 @@ def test_chunked_branch_equals_unchunked():
     assert (attn - THRESHOLD).abs().min().item() > 1e-6
     expected = (attn * kept) @ v.double()
     torch.testing.assert_close(full.double(), expected, rtol=0, atol=1e-5)
-    unmasked = masked_softmax_attention(q, k, v, threshold=0.0)
+    # the kept mass is the mean over queries of the softmax weights that survive the mask
+    assert full_mass.item() == pytest.approx((attn * kept).sum(-1).mean().item(), abs=1e-6)
+    assert 0 < full_mass.item() < 1
+    unmasked, unmasked_mass = masked_softmax_attention(q, k, v, threshold=0.0)
     assert (unmasked - full).abs().max().item() > 1e-3
+    assert unmasked_mass.item() == pytest.approx(1.0, abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

@@ -329,7 +329,7 @@ def test_softmax_branch_context_manager_restores_per_module_state(make_castling_
 
 def test_softmax_branch_config_key_sets_initial_state(make_castling_cfg):
     cfg = make_castling_cfg("build_castling_vit_backbone")
-    cfg.MODEL.CASTLING.SOFTMAX_BRANCH = False
+    cfg.MODEL.CASTLING.BRANCH.ENABLED = False
     assert _branch_states(_build(cfg)) == [False, False]
 
 
@@ -350,7 +350,7 @@ _BAD_VALUES = [
     ("MODEL.CASTLING.ATTN_KINDS", ["castling", "performer"]),
     ("MODEL.CASTLING.ATTN_KINDS", ["castling", "softmax", "castling"]),  # wrong length
     ("MODEL.CASTLING.OUT_FEATURES", ["block7"]),
-    ("MODEL.CASTLING.BRANCH_THRESHOLD", -0.1),
+    ("MODEL.CASTLING.BRANCH.THRESHOLD", -0.1),
     ("MODEL.CASTLING.CONV_KIND", "diagonal"),
 ]
 # The FPN adapter replaces OUT_FEATURES by MODEL.FPN.IN_FEATURES, so that key is bare-only.
@@ -376,7 +376,7 @@ def test_config_validation_names_the_key(make_castling_cfg, backbone_name, key, 
     "key,value",
     [
         ("MODEL.CASTLING.CONV_KERNEL_SIZE", 4),
-        ("MODEL.CASTLING.BRANCH_CHUNK_SIZE", -3),
+        ("MODEL.CASTLING.BRANCH.CHUNK_SIZE", -3),
         ("MODEL.CASTLING.PRETRAIN_IMG_SIZE", 100),
         ("MODEL.CASTLING.OUT_FEATURES", []),
         ("MODEL.CASTLING.DEPTH", -1),
@@ -411,8 +411,8 @@ def test_valid_config_variants_build(make_castling_cfg):
     cfg = make_castling_cfg("build_castling_vit_backbone")
     cfg.MODEL.CASTLING.ATTN_KINDS = ["softmax", "castling"]  # one per block
     cfg.MODEL.CASTLING.CONV_KIND = "grid"
-    cfg.MODEL.CASTLING.BRANCH_THRESHOLD = 0.0
-    cfg.MODEL.CASTLING.BRANCH_CHUNK_SIZE = 0  # all at once
+    cfg.MODEL.CASTLING.BRANCH.THRESHOLD = 0.0
+    cfg.MODEL.CASTLING.BRANCH.CHUNK_SIZE = 0  # all at once
     backbone = _build(cfg)
     assert backbone.blocks[1].attn.conv_kind == "grid"
     assert backbone.blocks[1].attn.branch_chunk_size is None

@@ -5,17 +5,15 @@ multiple of 32.
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 import castling_det
+from conftest import IMAGE_SIZES, detection_batch
 from castling_det import CastlingFPN, LinearAngularAttention
 
-IMAGE_SIZES = [(120, 150), (100, 90)]  # (H, W), both not multiples of 32
 
 DETECTORS = {
     # id: (meta architecture, mask_on, expected loss names)
@@ -28,38 +26,6 @@ DETECTORS = {
     ),
     "retinanet": ("RetinaNet", False, {"loss_cls", "loss_box_reg"}),
 }
-
-
-def _box_polygon(x0, y0, x1, y1):
-    """A polygon (list of one flat xy array) filling a diamond inside the box."""
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return [np.array([cx, y0, x1, cy, cx, y1, x0, cy], dtype=np.float64)]
-
-
-def _batch(mask_kind=None):
-    """Two images with two and three ground-truth boxes, as a Detectron2 data loader gives them."""
-    gt = [
-        ([[10.0, 12.0, 70.0, 80.0], [60.0, 30.0, 140.0, 110.0]], [0, 2]),
-        ([[5.0, 8.0, 50.0, 60.0], [30.0, 40.0, 85.0, 95.0], [20.0, 10.0, 45.0, 30.0]], [1, 0, 2]),
-    ]
-    inputs = []
-    for index, ((height, width), (boxes, classes)) in enumerate(zip(IMAGE_SIZES, gt)):
-        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
-        instances = Instances((height, width))
-        instances.gt_boxes = Boxes(torch.tensor(boxes))
-        instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
-        if mask_kind == "polygon":
-            instances.gt_masks = PolygonMasks([_box_polygon(*box) for box in boxes])
-        elif mask_kind == "bitmask":
-            masks = torch.zeros(len(boxes), height, width, dtype=torch.bool)
-            for m, (x0, y0, x1, y1) in enumerate(boxes):
-                masks[m, int(y0) : int(y1), int(x0) : int(x1)] = True
-            instances.gt_masks = BitMasks(masks)
-        inputs.append(
-            {"image": image, "instances": instances, "height": height, "width": width,
-             "image_id": index}
-        )
-    return inputs
 
 
 def _castling_modules(model):
@@ -88,7 +54,7 @@ def test_train_and_inference_step(make_detector_cfg, detector, mask_kind):
 
     # ---- one training step
     model.train()
-    batch = _batch(mask_kind)
+    batch = detection_batch(mask_kind)
     with EventStorage(0):
         losses = model(batch)
     assert set(losses) == loss_names
@@ -112,7 +78,7 @@ def test_train_and_inference_step(make_detector_cfg, detector, mask_kind):
     # ---- one inference step, deployed as in the paper: softmax branch off
     model.eval()
     with torch.no_grad(), castling_det.softmax_branch(model, False):
-        outputs = model(_batch())
+        outputs = model(detection_batch())
     assert all(m.softmax_branch for m in _castling_modules(model))  # restored after the block
     assert isinstance(outputs, list) and len(outputs) == 2
     for output, (height, width) in zip(outputs, IMAGE_SIZES):
@@ -139,7 +105,7 @@ def test_inference_pads_the_batch_to_the_pyramid_stride(make_detector_cfg):
     """The detector pads its 120x150 / 100x90 batch to 128x160, so p2..p6 are exact halvings."""
     cfg = make_detector_cfg("GeneralizedRCNN")
     model = build_model(cfg).eval()
-    images = model.preprocess_image(_batch())
+    images = model.preprocess_image(detection_batch())
     assert images.tensor.shape == (2, 3, 128, 160)
     assert images.image_sizes == IMAGE_SIZES
     with torch.no_grad():
@@ -158,7 +124,7 @@ def test_inference_with_branch_on_and_off_differs(make_detector_cfg):
     with torch.no_grad():
         for module in _castling_modules(model):
             module.qkv.weight.normal_(0.0, 0.2)
-        images = model.preprocess_image(_batch())
+        images = model.preprocess_image(detection_batch())
         on = model.backbone(images.tensor)
         with castling_det.softmax_branch(model, False):
             off = model.backbone(images.tensor)
@@ -193,6 +159,6 @@ def test_lazyconfig_vitdet_mask_rcnn_with_castling_backbone():
 
     model.train()
     with EventStorage(0):
-        losses = model(_batch("polygon"))
+        losses = model(detection_batch("polygon"))
     assert {"loss_mask", "loss_cls", "loss_rpn_cls"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from detectron2.config import get_cfg
 from detectron2.data.datasets import load_coco_json
 from detectron2.modeling import build_model
@@ -59,12 +58,12 @@ def test_every_config_builds(path):
     assert isinstance(vit, castling_det.CastlingViT)
     expected_width = {"Ti": 192, "S": 384, "B": 768}[cfg.MODEL.CASTLING.SIZE]
     assert vit.blocks[0].attn.qkv.in_features == expected_width
-    assert set(model.backbone.output_shape()) >= set(
-        cfg.MODEL.RETINANET.IN_FEATURES if cfg.MODEL.META_ARCHITECTURE == "RetinaNet" else cfg.MODEL.RPN.IN_FEATURES
-    )
+    is_retinanet = cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+    head_features = cfg.MODEL.RETINANET.IN_FEATURES if is_retinanet else cfg.MODEL.RPN.IN_FEATURES
+    assert set(model.backbone.output_shape()) >= set(head_features)
 
 
-def test_train_net_runs_and_reports_ap(shapes, tmp_path):
+def test_train_net_runs_and_prints_the_branch_table(shapes, tmp_path):
     (train_json, train_dir), (val_json, val_dir) = shapes["train"], shapes["val"]
     cmd = [
         sys.executable, str(REPO / "tools" / "train_net.py"),
@@ -79,8 +78,10 @@ def test_train_net_runs_and_reports_ap(shapes, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "model_final.pth").is_file()
-    summary = [line for line in result.stdout.splitlines() if " AP = " in line]
-    assert [line.split()[0] for line in summary] == ["bbox", "segm"]
+    table = result.stdout.split("Softmax branch on and off:")[-1].splitlines()
+    header, rows = table[1], [line.split("|")[1].strip() for line in table[3:5]]
+    assert "bbox AP" in header and "segm AP" in header and "backbone GFLOPs" in header
+    assert rows == ["on", "off"]
 
 
 def test_train_net_names_a_missing_dataset_path(tmp_path):
@@ -92,4 +93,4 @@ def test_train_net_names_a_missing_dataset_path(tmp_path):
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert f"annotation file {missing} does not exist" in result.stderr
+    assert f"'shapes_train': annotation file {missing} does not exist" in result.stderr

@@ -1,34 +1,36 @@
 #!/usr/bin/env python
 """Train or evaluate a Castling-ViT detector from a yacs config, like Detectron2's train_net.py.
 
+Training evaluates with the softmax branch on and off (SoftmaxBranchSwitch) and prints that
+table at the end; ``--eval-only`` evaluates with the branch off (as deployed) unless asked
+otherwise with ``--softmax-branch on|both``.
+
 Examples:
-    python tools/train_net.py --config-file configs/COCO-InstanceSegmentation/mask_rcnn_castling_vit_s_fpn_3x.yaml
+    python tools/train_net.py --config-file configs/COCO-Detection/faster_rcnn_castling_vit_s_fpn_3x.yaml
     python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file CONFIG --num-gpus 2          # 2 processes (Gloo on CPU)
     python tools/train_net.py --config-file CONFIG \\
         --register-coco my_train data/train.json data/train_images DATASETS.TRAIN '("my_train",)'
+    python tools/train_net.py --config-file CONFIG \\
+        --register-voc bccd_train ../shared/datasets/bccd train RBC,WBC,Platelets
 """
-import logging
-from pathlib import Path
-
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
 
-from castling_det import add_castling_config
-from castling_det.engine import CastlingTrainer
+from castling_det import add_castling_config, softmax_branch
+from castling_det.data import register_coco_dataset, register_voc_dataset
+from castling_det.engine import CastlingTrainer, count_test_gflops, format_switch_table
 
-logger = logging.getLogger("castling_det")
 
-
-def register_coco_datasets(specs) -> None:
-    """Register each ``(name, json_file, image_root)`` as a COCO instances data set."""
-    for name, json_file, image_root in specs:
-        for what, path in (("annotation file", json_file), ("image directory", image_root)):
-            if not Path(path).exists():
-                raise FileNotFoundError(f"--register-coco {name}: {what} {path} does not exist")
-        register_coco_instances(name, {}, json_file, image_root)
+def register_datasets(coco_specs, voc_specs) -> None:
+    """Register the data sets named by ``--register-coco`` and ``--register-voc``."""
+    for name, json_file, image_root in coco_specs:
+        register_coco_dataset(name, json_file, image_root)
+    for name, voc_root, split, classes in voc_specs:
+        register_voc_dataset(name, voc_root, split, [c.strip() for c in classes.split(",")])
 
 
 def setup(args):
@@ -41,41 +43,38 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
-    if cfg.MODEL.DEVICE == "cpu":
-        logger.info("No CUDA device: running on the CPU.")
     return cfg
 
 
-def summarize(results) -> str:
-    """One line per task (bbox, segm) with its AP and AP50, from the evaluators' results."""
-    if results and all(isinstance(v, dict) and "AP" not in v for v in results.values()):
-        per_dataset = results.items()  # several test sets: {dataset: {task: metrics}}
-    else:
-        per_dataset = [("", results)]
-    lines = []
-    for dataset, tasks in per_dataset:
-        for task, metrics in tasks.items():
-            prefix = f"{dataset} " if dataset else ""
-            lines.append(f"{prefix}{task} AP = {metrics['AP']:.2f}, AP50 = {metrics['AP50']:.2f}")
-    return "\n".join(lines)
+def evaluate(cfg, model, states):
+    """Evaluate ``model`` with the softmax branch in each of ``states`` ("on"/"off")."""
+    records = {}
+    for state in states:
+        with softmax_branch(model, state == "on", scale=1.0 if state == "on" else None):
+            results = dict(CastlingTrainer.test(cfg, model))
+            if comm.is_main_process():
+                results["gflops"] = count_test_gflops(cfg, model)
+        records[f"branch_{state}"] = results
+    return records
 
 
 def main(args):
-    register_coco_datasets(args.register_coco)
+    register_datasets(args.register_coco, args.register_voc)
     cfg = setup(args)
     if args.eval_only:
         model = CastlingTrainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        results = CastlingTrainer.test(cfg, model)
+        states = ("on", "off") if args.softmax_branch == "both" else (args.softmax_branch,)
+        records = evaluate(cfg, model, states)
     else:
         trainer = CastlingTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        results = trainer.train()
-    if results:
-        print(summarize(results), flush=True)
-    return results
+        records = trainer.train()
+    if comm.is_main_process() and records:
+        print("Softmax branch on and off:\n" + format_switch_table(records), flush=True)
+    return records
 
 
 def argument_parser():
@@ -84,6 +83,15 @@ def argument_parser():
         "--register-coco", nargs=3, action="append", default=[],
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format data set under NAME before training (repeatable)",
+    )
+    parser.add_argument(
+        "--register-voc", nargs=4, action="append", default=[],
+        metavar=("NAME", "VOC_ROOT", "SPLIT", "CLASSES"),
+        help="register a Pascal VOC split (comma-separated class names) under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--softmax-branch", choices=("on", "off", "both"), default="off",
+        help="with --eval-only: evaluate with the branch on, off (as deployed; default) or both",
     )
     return parser
 

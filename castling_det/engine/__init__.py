@@ -1,5 +1,16 @@
-"""Training: the trainer and its optimizer."""
+"""Training: the trainer, its optimizer, and the hooks that retire and switch the softmax branch."""
+from .branch_schedule import BranchRegularizer, BranchSchedule
+from .branch_switch import SoftmaxBranchSwitch, format_switch_table
 from .optimizer import build_optimizer
-from .trainer import CastlingTrainer
+from .trainer import CastlingTrainer, count_test_gflops, unwrap_model
 
-__all__ = ["CastlingTrainer", "build_optimizer"]
+__all__ = [
+    "BranchRegularizer",
+    "BranchSchedule",
+    "CastlingTrainer",
+    "SoftmaxBranchSwitch",
+    "build_optimizer",
+    "count_test_gflops",
+    "format_switch_table",
+    "unwrap_model",
+]

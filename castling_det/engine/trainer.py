@@ -1,17 +1,68 @@
-"""The trainer of castling_det: Detectron2's DefaultTrainer with COCO evaluation and AdamW."""
+"""The trainer of castling_det: Detectron2's DefaultTrainer with the softmax-branch machinery."""
+import itertools
 import os
+import weakref
 
-from detectron2.engine import DefaultTrainer
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
 
+from ..analysis import count_gflops
+from .branch_schedule import BranchRegularizer, BranchSchedule
+from .branch_switch import SoftmaxBranchSwitch
 from .optimizer import build_optimizer
 
-__all__ = ["CastlingTrainer"]
+__all__ = ["CastlingTrainer", "count_test_gflops", "unwrap_model"]
+
+
+def unwrap_model(model):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def count_test_gflops(cfg, model):
+    """Mean GFLOPs of ``model`` on the first ``TEST.FLOPS_NUM_IMAGES`` images of the first test
+    set: ``{"model": ..., "backbone": ..., "backbone.net": ...}`` (``{}`` without a test set)."""
+    if not cfg.DATASETS.TEST or cfg.TEST.FLOPS_NUM_IMAGES < 1:
+        return {}
+    loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
+    inputs = [batch[0] for batch in itertools.islice(loader, cfg.TEST.FLOPS_NUM_IMAGES)]
+    return count_gflops(unwrap_model(model), inputs, modules=("backbone", "backbone.net"))
 
 
 class CastlingTrainer(DefaultTrainer):
-    """:class:`DefaultTrainer` that evaluates with :class:`COCOEvaluator` (boxes, and masks when
-    the model predicts them) and builds its optimizer with :func:`build_optimizer`."""
+    """:class:`DefaultTrainer` for Castling-ViT detectors.
+
+    - evaluates with :class:`COCOEvaluator` (boxes, and masks when the model predicts them);
+    - builds the optimizer with :func:`build_optimizer` (AdamW, layer-wise lr decay, clipping);
+    - adds :class:`BranchRegularizer`, which retires the softmax branch over training;
+    - evaluates through :class:`SoftmaxBranchSwitch` (branch on and off, with GFLOPs) in place of
+      Detectron2's ``EvalHook``; the model is left with the branch off after training;
+    - trains in several CPU processes (Gloo) too.
+    """
+
+    def __init__(self, cfg):
+        # The same construction as DefaultTrainer's, but for the DDP wrapper: upstream passes
+        # device_ids=[local_rank], which PyTorch rejects for a model on the CPU.
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        ddp_kwargs = {"device_ids": None} if on_cpu else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_class(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -22,11 +73,23 @@ class CastlingTrainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
 
-    def train(self):
-        """Run training; return the results of the last evaluation (None if none ran).
+    def build_hooks(self):
+        model = unwrap_model(self.model)
+        built = super().build_hooks()
+        eval_at = next(i for i, hook in enumerate(built) if isinstance(hook, hooks.EvalHook))
+        self.branch_switch = SoftmaxBranchSwitch(
+            model=model,
+            eval_period=self.cfg.TEST.EVAL_PERIOD,
+            evaluate=lambda: self.test(self.cfg, self.model),
+            count_gflops=lambda m: count_test_gflops(self.cfg, m),
+            output_dir=self.cfg.OUTPUT_DIR,
+        )
+        built[eval_at] = self.branch_switch
+        # Right after the IterationTimer, so the schedule is set before anything else runs.
+        built.insert(1, BranchRegularizer(model, BranchSchedule.from_config(self.cfg)))
+        return built
 
-        Upstream returns them only when ``TEST.EXPECTED_RESULTS`` is set; the final evaluation
-        (run by the EvalHook when training ends) is what a caller of the main job wants.
-        """
+    def train(self):
+        """Run training; return the last evaluation, ``{"branch_on": ..., "branch_off": ...}``."""
         super().train()
-        return getattr(self, "_last_eval_results", None)
+        return self.branch_switch.last_results if comm.is_main_process() else {}

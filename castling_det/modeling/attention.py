@@ -5,7 +5,7 @@ same block can run them globally or inside windows and the grid convolution know
 Every product is an explicit ``torch.matmul`` so that trace-based FLOP counters (fvcore) see it.
 """
 import math
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ def masked_softmax_attention(
     *,
     threshold: float,
     chunk_size: Optional[int] = None,
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The auxiliary branch of Castling-ViT: ``(A · [A > threshold]) v`` with ``A = softmax(q kᵀ / √d)``.
 
     Args:
@@ -34,17 +34,19 @@ def masked_softmax_attention(
             scores per head instead of ``N × N``.
 
     Returns:
-        Tensor of shape ``(B, heads, N, d)``.
+        The branch output, ``(B, heads, N, d)``, and the softmax mass the mask keeps, averaged over
+        batch, heads and queries (a scalar in [0, 1], differentiable: what the L1 penalty shrinks).
     """
     scale = q.shape[-1] ** -0.5
     k_t = k.transpose(-2, -1)
     step = q.shape[-2] if chunk_size is None else chunk_size
-    outputs = []
+    outputs, kept_mass = [], 0.0
     for q_chunk in q.split(step, dim=-2):
         attn = torch.matmul(q_chunk * scale, k_t).softmax(dim=-1)
         sparse = attn * (attn > threshold)
         outputs.append(torch.matmul(sparse, v))
-    return torch.cat(outputs, dim=-2)
+        kept_mass = kept_mass + sparse.sum()
+    return torch.cat(outputs, dim=-2), kept_mass / q.shape[:-1].numel()
 
 
 class _MultiHeadAttention(nn.Module):
@@ -87,6 +89,10 @@ class LinearAngularAttention(_MultiHeadAttention):
     convolution and, during training, a masked softmax attention (the *branch*) stand in for the
     high-order residual. With the branch off, cost and memory are linear in the number of tokens N:
     no N×N tensor is ever formed.
+
+    The branch is added as ``branch_scale · (A ⊙ mask) v``; the training schedule lowers
+    ``branch_scale`` to 0 (then the branch is not computed). In training mode each forward leaves
+    ``branch_stats``: the kept softmax mass (differentiable) and the branch's share of the sum.
 
     Numerics: the sum inside ``normalize`` is scaled by 1/N term by term (exact, since the
     normalisation is scale-free), so ``k̂ᵀv`` stays in range in fp16/bf16 at any N. The sum and its
@@ -135,6 +141,8 @@ class LinearAngularAttention(_MultiHeadAttention):
         self.branch_threshold = branch_threshold
         self.branch_chunk_size = branch_chunk_size
         self.softmax_branch = softmax_branch
+        self.branch_scale = 1.0
+        self.branch_stats: Optional[Dict[str, torch.Tensor]] = None
         self.eps = eps
 
         pad = conv_kernel_size // 2
@@ -177,11 +185,16 @@ class LinearAngularAttention(_MultiHeadAttention):
         inv_sqrt_n = num_tokens**-0.5
         kv = torch.matmul((k_hat * inv_sqrt_n).transpose(-2, -1), v * inv_sqrt_n)  # (B, h, d, d)
         total = torch.matmul(q_hat, kv).float() / math.pi + (0.5 / num_tokens) * v.float()
-        if self.softmax_branch:
-            branch = masked_softmax_attention(
+        self.branch_stats = None
+        if self.softmax_branch and self.branch_scale > 0:
+            branch, kept_mass = masked_softmax_attention(
                 q, k, v, threshold=self.branch_threshold, chunk_size=self.branch_chunk_size
             )
-            total = total + branch.float() / num_tokens
+            branch = branch.float() * (self.branch_scale / num_tokens)
+            if self.training:
+                share = branch.norm(dim=-1) / (total + branch).norm(dim=-1).clamp_min(1e-12)
+                self.branch_stats = {"mass": kept_mass, "share": share.mean().detach()}
+            total = total + branch
         # Clamping at eps/N on the 1/N-scaled sum is the eps clamp of the unscaled sum.
         out = F.normalize(total, dim=-1, eps=self.eps / num_tokens).to(v.dtype)
         out = out + self._conv(v, height, width)

@@ -8,7 +8,7 @@ Each block mixes tokens with one of three kinds of attention:
 
 so the softmax-ViT and ViTDet-style baselines are the same code with one setting changed.
 """
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from detectron2.modeling.backbone import Backbone

@@ -87,9 +87,9 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
         c.CONV_KERNEL_SIZE > 0 and c.CONV_KERNEL_SIZE % 2 == 1, key + "CONV_KERNEL_SIZE",
         c.CONV_KERNEL_SIZE, "a positive odd number",
     )
-    _check(c.BRANCH_THRESHOLD >= 0, key + "BRANCH_THRESHOLD", c.BRANCH_THRESHOLD, ">= 0")
+    _check(c.BRANCH.THRESHOLD >= 0, key + "BRANCH.THRESHOLD", c.BRANCH.THRESHOLD, ">= 0")
     _check(
-        c.BRANCH_CHUNK_SIZE >= 0, key + "BRANCH_CHUNK_SIZE", c.BRANCH_CHUNK_SIZE,
+        c.BRANCH.CHUNK_SIZE >= 0, key + "BRANCH.CHUNK_SIZE", c.BRANCH.CHUNK_SIZE,
         "0 (no chunking) or positive",
     )
     out_features = list(c.OUT_FEATURES)
@@ -112,9 +112,9 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
         drop_path_rate=c.DROP_PATH_RATE,
         conv_kind=c.CONV_KIND,
         conv_kernel_size=c.CONV_KERNEL_SIZE,
-        branch_threshold=c.BRANCH_THRESHOLD,
-        branch_chunk_size=c.BRANCH_CHUNK_SIZE or None,
-        softmax_branch=c.SOFTMAX_BRANCH,
+        branch_threshold=c.BRANCH.THRESHOLD,
+        branch_chunk_size=c.BRANCH.CHUNK_SIZE or None,
+        softmax_branch=c.BRANCH.ENABLED,
         use_act_checkpoint=c.USE_ACT_CHECKPOINT,
         out_features=out_features,
     )

@@ -1,0 +1,233 @@
+"""Training that retires the softmax branch, the switch hook, and tools/train_net.py end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from castling_det.data import make_shapes_dataset, register_voc_dataset
+from castling_det.engine import BranchRegularizer, BranchSchedule
+from conftest import detection_batch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+SHAPES_CONFIG = REPO / "configs/Shapes/mask_rcnn_castling_vit_ti_fpn_shapes.yaml"
+# Castling-ViT-Ti, two blocks, 96-pixel images: N = 36 tokens of width 192.
+TINY_RUN_OPTS = [
+    "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.CASTLING.DEPTH", "2",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96", "TEST.FLOPS_NUM_IMAGES", "2",
+]
+
+
+def _train_net(*args, timeout=600):
+    cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def _read_metrics(output_dir: Path):
+    return [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    splits = make_shapes_dataset(
+        tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, image_size=96, seed=5
+    )
+    (train_json, train_dir), (val_json, val_dir) = splits["train"], splits["val"]
+    return [
+        "--register-coco", "shapes_train", train_json, train_dir,
+        "--register-coco", "shapes_val", val_json, val_dir,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shapes, tmp_path_factory):
+    """6 iterations, evaluated at iteration 3 and at the end; the branch is retired at 3."""
+    output_dir = tmp_path_factory.mktemp("tiny_run")
+    result = _train_net(
+        "--config-file", SHAPES_CONFIG, *shapes, "OUTPUT_DIR", output_dir, *TINY_RUN_OPTS,
+        "SOLVER.MAX_ITER", 6, "TEST.EVAL_PERIOD", 3, "SOLVER.CHECKPOINT_PERIOD", 3,
+        "MODEL.CASTLING.BRANCH.ANNEAL_START", 0.0, "MODEL.CASTLING.BRANCH.ANNEAL_END", 0.5,
+        "MODEL.CASTLING.BRANCH.L1_RAMP_END", 0.0,
+    )
+    return SimpleNamespace(output_dir=output_dir, stdout=result.stdout)
+
+
+# --------------------------------------------------------------------------------------------
+# The schedule and the regulariser
+# --------------------------------------------------------------------------------------------
+def test_schedule_ramps_the_l1_weight_and_anneals_the_scale_to_exactly_zero():
+    schedule = BranchSchedule(max_iter=100, l1_weight=2.0, l1_ramp_end=0.5, anneal_start=0.5, anneal_end=0.8)
+    assert [schedule.l1_weight_at(i) for i in (0, 25, 50, 99)] == [0.0, 1.0, 2.0, 2.0]
+    assert [schedule.scale_at(i) for i in (0, 50, 65, 79)] == pytest.approx([1.0, 1.0, 0.5, 1 / 30])
+    assert schedule.scale_at(80) == 0.0 and schedule.scale_at(99) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(l1_weight=-1.0), "L1_WEIGHT"),
+        (dict(l1_ramp_end=1.5), "L1_RAMP_END"),
+        (dict(anneal_start=0.9, anneal_end=0.8), "ANNEAL_START"),
+    ],
+)
+def test_schedule_rejects_bad_values(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        BranchSchedule(max_iter=10, **kwargs)
+
+
+def test_regularizer_adds_the_l1_loss_until_the_branch_is_retired(make_detector_cfg):
+    cfg = make_detector_cfg("GeneralizedRCNN", mask_on=False)
+    model = build_model(cfg).train()
+    schedule = BranchSchedule(max_iter=4, l1_weight=0.5, l1_ramp_end=0.0, anneal_start=0.0, anneal_end=0.5)
+    regularizer = BranchRegularizer(model, schedule)
+    with torch.no_grad():  # sharper softmax, so the mask keeps some weights and drops others
+        for module in regularizer._modules.values():
+            module.qkv.weight.mul_(8.0)
+    with EventStorage(0) as storage:
+        regularizer.trainer = SimpleNamespace(iter=0, storage=storage)
+        seen = []
+        for iteration in range(4):
+            regularizer.trainer.iter = iteration
+            storage.iter = iteration
+            regularizer.before_step()
+            losses = model(detection_batch())
+            regularizer.after_step()
+            seen.append("loss_branch_l1" in losses)
+            if iteration == 1:  # scale 0.5: the penalty is 0.5 x the mean kept mass, differentiable
+                masses = torch.stack([m.branch_stats["mass"] for m in regularizer._modules.values()])
+                assert ((0 < masses) & (masses < 1)).all()
+                expected = 0.5 * masses.mean()
+                assert losses["loss_branch_l1"].item() == pytest.approx(expected.item())
+                losses["loss_branch_l1"].backward()
+                qkv = next(iter(regularizer._modules.values())).qkv.weight
+                assert qkv.grad is not None and qkv.grad.abs().sum() > 0
+        assert seen == [True, True, False, False]
+        assert storage.history("branch/scale").values() == [(1.0, 0), (0.5, 1), (0.0, 2), (0.0, 3)]
+        assert all(m.branch_scale == 0.0 and m.branch_stats is None for m in regularizer._modules.values())
+        assert len(storage.history("branch/mass/block0").values()) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The switch hook on a tiny run
+# --------------------------------------------------------------------------------------------
+def _vit_gflops_from_formulas(num_tokens, width, depth, patch=16, head_dim=64, branch=False):
+    """DESIGN.md §2: per block 12·N·d² (linear layers) + 2·N·d·d_h (linear-angular attention)
+    [+ 2·N²·d (the softmax branch)], plus the patch embedding N·3·p²·d; multiply-adds."""
+    per_block = 12 * num_tokens * width**2 + 2 * num_tokens * width * head_dim
+    if branch:
+        per_block += 2 * num_tokens**2 * width
+    return (depth * per_block + num_tokens * 3 * patch**2 * width) / 1e9
+
+
+def test_switch_hook_reports_ap_and_gflops_on_and_off(tiny_run):
+    history = json.loads((tiny_run.output_dir / "branch_switch.json").read_text())
+    assert [record["iteration"] for record in history] == [3, 6]
+    final = history[-1]
+    assert set(final) == {"iteration", "train_branch_scale", "branch_on", "branch_off"}
+    assert final["train_branch_scale"] == 0.0
+    for state in ("branch_on", "branch_off"):
+        assert set(final[state]) == {"bbox", "segm", "gflops"}
+        assert {"AP", "AP50", "AP75"} <= set(final[state]["bbox"])
+        assert set(final[state]["gflops"]) == {"model", "backbone", "backbone.net"}
+    on, off = final["branch_on"]["gflops"], final["branch_off"]["gflops"]
+    assert off["backbone.net"] < on["backbone.net"] and off["backbone"] < on["backbone"]
+    expected_off = _vit_gflops_from_formulas(36, 192, 2)
+    expected_on = _vit_gflops_from_formulas(36, 192, 2, branch=True)
+    assert off["backbone.net"] == pytest.approx(expected_off, rel=0.02)
+    assert on["backbone.net"] == pytest.approx(expected_on, rel=0.02)
+    # ... and both reach the EventStorage (metrics.json) and the printed table.
+    final_metrics = {k: v for record in _read_metrics(tiny_run.output_dir) for k, v in record.items()}
+    for key in ("branch_on/bbox/AP", "branch_off/segm/AP", "branch_off/gflops/backbone", "loss_branch_l1"):
+        assert key in final_metrics
+    table = tiny_run.stdout.split("Softmax branch on and off:")[-1]
+    assert "| on " in table and "| off " in table and "bbox AP" in table and "model GFLOPs" in table
+
+
+def test_training_retires_the_branch_by_its_end_iteration(tiny_run):
+    metrics = _read_metrics(tiny_run.output_dir)
+    scales = [(r["iteration"], r["branch/scale"]) for r in metrics if "branch/scale" in r]
+    assert scales[-1] == (5, 0.0)
+    # The kept mass was last logged at iteration 2: from 3 on the branch is not computed.
+    logged_at = [r["iteration"] for r in metrics if "branch/mass/block0" in r]
+    assert logged_at and max(logged_at) == 2
+
+
+def test_eval_only_defaults_to_the_branch_off(tiny_run, shapes):
+    weights = tiny_run.output_dir / "model_final.pth"
+    off = _train_net(
+        "--config-file", SHAPES_CONFIG, *shapes, "--eval-only", "OUTPUT_DIR", tiny_run.output_dir,
+        "MODEL.WEIGHTS", weights, *TINY_RUN_OPTS,
+    )
+    both = _train_net(
+        "--config-file", SHAPES_CONFIG, *shapes, "--eval-only", "--softmax-branch", "both",
+        "OUTPUT_DIR", tiny_run.output_dir, "MODEL.WEIGHTS", weights, *TINY_RUN_OPTS,
+    )
+    off_table = off.stdout.split("Softmax branch on and off:")[-1]
+    both_table = both.stdout.split("Softmax branch on and off:")[-1]
+    assert "| off " in off_table and "| on " not in off_table
+    assert "| off " in both_table and "| on " in both_table
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_run, shapes):
+    result = _train_net(
+        "--config-file", SHAPES_CONFIG, *shapes, "--resume", "OUTPUT_DIR", tiny_run.output_dir,
+        *TINY_RUN_OPTS, "SOLVER.MAX_ITER", 8, "TEST.EVAL_PERIOD", 0,
+    )
+    log = result.stdout + result.stderr
+    assert "Starting training from iteration 6" in log
+    # The last record holds the final evaluation, written at iteration MAX_ITER.
+    assert _read_metrics(tiny_run.output_dir)[-1]["iteration"] == 8
+
+
+def test_two_process_gloo_training_step(shapes, tmp_path):
+    _train_net(
+        "--num-gpus", 2, "--config-file", SHAPES_CONFIG, *shapes, "OUTPUT_DIR", tmp_path,
+        *TINY_RUN_OPTS, "SOLVER.MAX_ITER", 2, "TEST.EVAL_PERIOD", 0,
+    )
+    assert (tmp_path / "model_final.pth").is_file()
+    assert _read_metrics(tmp_path)[-1]["iteration"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Real data sets from ../shared/datasets
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (SHARED / "coco_tiny").is_dir(), reason="../shared/datasets/coco_tiny absent")
+def test_ten_iterations_on_coco_tiny(tmp_path):
+    root = SHARED / "coco_tiny"
+    result = _train_net(
+        "--config-file", REPO / "configs/COCO-InstanceSegmentation/mask_rcnn_castling_vit_s_fpn_3x.yaml",
+        "--register-coco", "coco_tiny_train", root / "annotations/instances_train2017.json", root / "train2017",
+        "--register-coco", "coco_tiny_val", root / "annotations/instances_val2017.json", root / "val2017",
+        "DATASETS.TRAIN", "('coco_tiny_train',)", "DATASETS.TEST", "('coco_tiny_val',)",
+        "OUTPUT_DIR", tmp_path, "SOLVER.MAX_ITER", 10, "SOLVER.IMS_PER_BATCH", 2,
+        "MODEL.CASTLING.DEPTH", 2, "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", 224,
+        "INPUT.MIN_SIZE_TEST", 160, "INPUT.MAX_SIZE_TEST", 224, "DATALOADER.NUM_WORKERS", 0,
+        "TEST.FLOPS_NUM_IMAGES", 1, "TEST.DETECTIONS_PER_IMAGE", 5, "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
+    )
+    assert _read_metrics(tmp_path)[-1]["iteration"] == 10
+    assert "| on " in result.stdout and "| off " in result.stdout
+
+
+@pytest.mark.skipif(not (SHARED / "bccd").is_dir(), reason="../shared/datasets/bccd absent")
+def test_voc_registration_reads_bccd():
+    register_voc_dataset("test_bccd_val", str(SHARED / "bccd"), "val", ["RBC", "WBC", "Platelets"])
+    records = DatasetCatalog.get("test_bccd_val")
+    assert len(records) == 87
+    assert MetadataCatalog.get("test_bccd_val").thing_classes == ["RBC", "WBC", "Platelets"]
+    classes = {ann["category_id"] for record in records for ann in record["annotations"]}
+    assert classes == {0, 1, 2}
+
+
+def test_registration_names_a_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ImageSets"):
+        register_voc_dataset("test_missing_voc", str(tmp_path), "train", ["a"])
