@@ -204,10 +204,11 @@ def test_two_process_gloo_training_step(shapes, tmp_path):
 @pytest.mark.skipif(not (SHARED / "coco_tiny").is_dir(), reason="../shared/datasets/coco_tiny absent")
 def test_ten_iterations_on_coco_tiny(tmp_path):
     root = SHARED / "coco_tiny"
+    annotations = root / "annotations"
     result = _train_net(
         "--config-file", REPO / "configs/COCO-InstanceSegmentation/mask_rcnn_castling_vit_s_fpn_3x.yaml",
-        "--register-coco", "coco_tiny_train", root / "annotations/instances_train2017.json", root / "train2017",
-        "--register-coco", "coco_tiny_val", root / "annotations/instances_val2017.json", root / "val2017",
+        "--register-coco", "coco_tiny_train", annotations / "instances_train2017.json", root / "train2017",
+        "--register-coco", "coco_tiny_val", annotations / "instances_val2017.json", root / "val2017",
         "DATASETS.TRAIN", "('coco_tiny_train',)", "DATASETS.TEST", "('coco_tiny_val',)",
         "OUTPUT_DIR", tmp_path, "SOLVER.MAX_ITER", 10, "SOLVER.IMS_PER_BATCH", 2,
         "MODEL.CASTLING.DEPTH", 2, "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", 224,

@@ -20,9 +20,14 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
-from castling_det import add_castling_config, softmax_branch
+from castling_det import add_castling_config
 from castling_det.data import register_coco_dataset, register_voc_dataset
-from castling_det.engine import CastlingTrainer, count_test_gflops, format_switch_table
+from castling_det.engine import (
+    CastlingTrainer,
+    count_test_gflops,
+    evaluate_with_branch,
+    format_switch_table,
+)
 
 
 def register_datasets(coco_specs, voc_specs) -> None:
@@ -46,18 +51,6 @@ def setup(args):
     return cfg
 
 
-def evaluate(cfg, model, states):
-    """Evaluate ``model`` with the softmax branch in each of ``states`` ("on"/"off")."""
-    records = {}
-    for state in states:
-        with softmax_branch(model, state == "on", scale=1.0 if state == "on" else None):
-            results = dict(CastlingTrainer.test(cfg, model))
-            if comm.is_main_process():
-                results["gflops"] = count_test_gflops(cfg, model)
-        records[f"branch_{state}"] = results
-    return records
-
-
 def main(args):
     register_datasets(args.register_coco, args.register_voc)
     cfg = setup(args)
@@ -67,7 +60,9 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         states = ("on", "off") if args.softmax_branch == "both" else (args.softmax_branch,)
-        records = evaluate(cfg, model, states)
+        records = evaluate_with_branch(
+            model, states, lambda: CastlingTrainer.test(cfg, model), lambda m: count_test_gflops(cfg, m)
+        )
     else:
         trainer = CastlingTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)

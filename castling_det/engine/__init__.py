@@ -1,6 +1,6 @@
 """Training: the trainer, its optimizer, and the hooks that retire and switch the softmax branch."""
 from .branch_schedule import BranchRegularizer, BranchSchedule
-from .branch_switch import SoftmaxBranchSwitch, format_switch_table
+from .branch_switch import SoftmaxBranchSwitch, evaluate_with_branch, format_switch_table
 from .optimizer import build_optimizer
 from .trainer import CastlingTrainer, count_test_gflops, unwrap_model
 
@@ -11,6 +11,7 @@ __all__ = [
     "SoftmaxBranchSwitch",
     "build_optimizer",
     "count_test_gflops",
+    "evaluate_with_branch",
     "format_switch_table",
     "unwrap_model",
 ]

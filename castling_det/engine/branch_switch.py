@@ -12,7 +12,7 @@ from torch import nn
 
 from ..modeling.branch import branch_modules, set_softmax_branch, softmax_branch
 
-__all__ = ["SoftmaxBranchSwitch"]
+__all__ = ["SoftmaxBranchSwitch", "evaluate_with_branch", "format_switch_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,7 @@ class SoftmaxBranchSwitch(EvalHook):
 
     def _do_eval(self):
         states = ("on", "off") if branch_modules(self._model) else ("off",)
-        records = {}
-        for state in states:
-            with softmax_branch(self._model, state == "on", scale=1.0 if state == "on" else None):
-                results = dict(self._func() or {})
-                if comm.is_main_process():
-                    results["gflops"] = self._count_gflops(self._model)
-            records[f"branch_{state}"] = results
+        records = evaluate_with_branch(self._model, states, self._func, self._count_gflops)
         flat = {key: float(value) for key, value in flatten_results_dict(records).items()}
         self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
         self.last_results = records
@@ -90,6 +84,29 @@ class SoftmaxBranchSwitch(EvalHook):
     def after_train(self):
         super().after_train()
         set_softmax_branch(self._model, False)
+
+
+def evaluate_with_branch(
+    model: nn.Module,
+    states,
+    evaluate: Callable[[], Dict],
+    count_gflops: Callable[[nn.Module], Dict[str, float]],
+) -> Dict[str, Dict]:
+    """Evaluate ``model`` with its softmax branch in each of ``states`` (``"on"``: restored in full,
+    at scale 1; ``"off"``: as deployed); each module's own setting is restored after.
+
+    Returns:
+        ``{"branch_on": {task: metrics, ..., "gflops": {...}}, "branch_off": {...}}`` for the states
+        asked for; GFLOPs are counted on the main process only.
+    """
+    records = {}
+    for state in states:
+        with softmax_branch(model, state == "on", scale=1.0 if state == "on" else None):
+            results = dict(evaluate() or {})
+            if comm.is_main_process():
+                results["gflops"] = count_gflops(model)
+        records[f"branch_{state}"] = results
+    return records
 
 
 def format_switch_table(records: Dict[str, Dict]) -> str:

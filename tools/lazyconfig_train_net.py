@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Train or evaluate a Castling-ViT detector from a LazyConfig, like Detectron2's lazyconfig_train_net.py.
+
+Training uses the same machinery as tools/train_net.py: the softmax branch is retired by the schedule
+in ``train.branch`` and every evaluation runs with the branch on and off, with GFLOPs.
+
+Examples:
+    python tools/lazyconfig_train_net.py --num-gpus 8 \
+        --config-file configs/lazy/mask_rcnn_castling_vit_b_100ep.py
+    python tools/lazyconfig_train_net.py --config-file CONFIG --eval-only train.init_checkpoint=CKPT
+    python tools/lazyconfig_train_net.py --config-file CONFIG train.device=cpu train.amp.enabled=False \\
+        dataloader.train.total_batch_size=2
+"""
+import itertools
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+    launch,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from castling_det.analysis import count_gflops
+from castling_det.data import register_coco_dataset
+from castling_det.engine import (
+    BranchRegularizer,
+    BranchSchedule,
+    SoftmaxBranchSwitch,
+    evaluate_with_branch,
+    format_switch_table,
+    unwrap_model,
+)
+
+logger = logging.getLogger("castling_det")
+
+
+def do_test(cfg, model):
+    """Run the configured evaluator on the test loader; return its results."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(results)
+    return results
+
+
+def test_gflops(cfg, model):
+    """Mean GFLOPs on the first ``train.flops_num_images`` test images."""
+    count = cfg.train.get("flops_num_images", 3)
+    inputs = [batch[0] for batch in itertools.islice(instantiate(cfg.dataloader.test), count)]
+    if not inputs:
+        return {}
+    return count_gflops(unwrap_model(model), inputs, modules=("backbone", "backbone.net"))
+
+
+def do_train(args, cfg):
+    """Build model, optimizer and data, then train with the branch schedule and switch hooks."""
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    bare_model = model
+    # PyTorch rejects device_ids for a model on the CPU (multi-process Gloo training).
+    ddp_kwargs = {"device_ids": None} if cfg.train.device == "cpu" else {}
+    model = create_ddp_model(model, **cfg.train.ddp, **ddp_kwargs)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    switch = SoftmaxBranchSwitch(
+        model=bare_model,
+        eval_period=cfg.train.eval_period,
+        evaluate=lambda: do_test(cfg, model),
+        count_gflops=lambda m: test_gflops(cfg, m),
+        output_dir=cfg.train.output_dir,
+    )
+    writers = default_writers(cfg.train.output_dir, cfg.train.max_iter)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            BranchRegularizer(bare_model, BranchSchedule(max_iter=cfg.train.max_iter, **cfg.train.branch)),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            switch,
+            hooks.PeriodicWriter(writers, period=cfg.train.log_period)
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    return switch.last_results
+
+
+def main(args):
+    for name, json_file, image_root in args.register_coco:
+        register_coco_dataset(name, json_file, image_root)
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        states = ("on", "off") if args.softmax_branch == "both" else (args.softmax_branch,)
+        records = evaluate_with_branch(
+            model, states, lambda: do_test(cfg, model), lambda m: test_gflops(cfg, m)
+        )
+    else:
+        records = do_train(args, cfg)
+    if comm.is_main_process() and records:
+        print("Softmax branch on and off:\n" + format_switch_table(records), flush=True)
+    return records
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format data set under NAME before training (repeatable)",
+    )
+    parser.add_argument(
+        "--softmax-branch", choices=("on", "off", "both"), default="off",
+        help="with --eval-only: evaluate with the branch on, off (as deployed; default) or both",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
