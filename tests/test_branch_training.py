@@ -206,7 +206,7 @@ def test_ten_iterations_on_coco_tiny(tmp_path):
     root = SHARED / "coco_tiny"
     annotations = root / "annotations"
     result = _train_net(
-        "--config-file", REPO / "configs/COCO-InstanceSegmentation/mask_rcnn_castling_vit_s_fpn_3x.yaml",
+        "--config-file", REPO / "configs/COCO-Detection/faster_rcnn_castling_vit_s_fpn_3x.yaml",
         "--register-coco", "coco_tiny_train", annotations / "instances_train2017.json", root / "train2017",
         "--register-coco", "coco_tiny_val", annotations / "instances_val2017.json", root / "val2017",
         "DATASETS.TRAIN", "('coco_tiny_train',)", "DATASETS.TEST", "('coco_tiny_val',)",
