@@ -94,3 +94,33 @@ def test_train_net_names_a_missing_dataset_path(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"'shapes_train': annotation file {missing} does not exist" in result.stderr
+
+
+def _analyze(branch, *tasks):
+    cmd = [
+        sys.executable, str(REPO / "tools" / "analyze_model.py"),
+        "--config-file", str(REPO / "configs/COCO-Detection/faster_rcnn_castling_vit_ti_fpn_3x.yaml"),
+        "--tasks", *tasks, "--input-size", "96", "128", "--softmax-branch", branch,
+        "MODEL.CASTLING.DEPTH", "2",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _table_flops(out: str, module: str) -> float:
+    """The FLOPs of one module's row in fvcore's table (e.g. ``42.5M``), as a number."""
+    row = next(line for line in out.splitlines() if line.startswith(f"| {module} "))
+    value = row.split("|")[3].strip()
+    return float(value[:-1]) * {"K": 1e3, "M": 1e6, "G": 1e9}[value[-1]]
+
+
+def test_analyze_model_counts_the_branch_in_its_flop_table():
+    vit = {}
+    for branch in ("on", "off"):
+        out = _analyze(branch, "flop", "parameter")
+        assert "| backbone.net.blocks " in out and "#parameters or shape" in out
+        assert "GFLOPs (multiply-adds)" in out
+        vit[branch] = _table_flops(out, "backbone.net")
+    # The branch adds q·kᵀ and A·v, 2·N²·d per block: N = 6·8 tokens, d = 192, 2 blocks.
+    assert vit["on"] - vit["off"] == pytest.approx(2 * 48**2 * 192 * 2, rel=1e-3)

@@ -16,21 +16,12 @@ import logging
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    default_writers,
-    hooks,
-    launch,
-)
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 from castling_det.analysis import count_gflops
-from castling_det.data import register_coco_dataset
 from castling_det.engine import (
     BranchRegularizer,
     BranchSchedule,
@@ -39,6 +30,7 @@ from castling_det.engine import (
     format_switch_table,
     unwrap_model,
 )
+from castling_det.engine.cli import argument_parser, launch_from_args, register_datasets
 
 logger = logging.getLogger("castling_det")
 
@@ -106,8 +98,7 @@ def do_train(args, cfg):
 
 
 def main(args):
-    for name, json_file, image_root in args.register_coco:
-        register_coco_dataset(name, json_file, image_root)
+    register_datasets(args)
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
@@ -126,27 +117,5 @@ def main(args):
     return records
 
 
-def argument_parser():
-    parser = default_argument_parser()
-    parser.add_argument(
-        "--register-coco", nargs=3, action="append", default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format data set under NAME before training (repeatable)",
-    )
-    parser.add_argument(
-        "--softmax-branch", choices=("on", "off", "both"), default="off",
-        help="with --eval-only: evaluate with the branch on, off (as deployed; default) or both",
-    )
-    return parser
-
-
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, argument_parser().parse_args())

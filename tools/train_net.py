@@ -17,25 +17,17 @@ Examples:
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_setup
 from detectron2.utils import comm
 
 from castling_det import add_castling_config
-from castling_det.data import register_coco_dataset, register_voc_dataset
 from castling_det.engine import (
     CastlingTrainer,
     count_test_gflops,
     evaluate_with_branch,
     format_switch_table,
 )
-
-
-def register_datasets(coco_specs, voc_specs) -> None:
-    """Register the data sets named by ``--register-coco`` and ``--register-voc``."""
-    for name, json_file, image_root in coco_specs:
-        register_coco_dataset(name, json_file, image_root)
-    for name, voc_root, split, classes in voc_specs:
-        register_voc_dataset(name, voc_root, split, [c.strip() for c in classes.split(",")])
+from castling_det.engine.cli import argument_parser, launch_from_args, register_datasets
 
 
 def setup(args):
@@ -52,7 +44,7 @@ def setup(args):
 
 
 def main(args):
-    register_datasets(args.register_coco, args.register_voc)
+    register_datasets(args)
     cfg = setup(args)
     if args.eval_only:
         model = CastlingTrainer.build_model(cfg)
@@ -72,32 +64,5 @@ def main(args):
     return records
 
 
-def argument_parser():
-    parser = default_argument_parser()
-    parser.add_argument(
-        "--register-coco", nargs=3, action="append", default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format data set under NAME before training (repeatable)",
-    )
-    parser.add_argument(
-        "--register-voc", nargs=4, action="append", default=[],
-        metavar=("NAME", "VOC_ROOT", "SPLIT", "CLASSES"),
-        help="register a Pascal VOC split (comma-separated class names) under NAME (repeatable)",
-    )
-    parser.add_argument(
-        "--softmax-branch", choices=("on", "off", "both"), default="off",
-        help="with --eval-only: evaluate with the branch on, off (as deployed; default) or both",
-    )
-    return parser
-
-
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_from_args(main, argument_parser().parse_args())

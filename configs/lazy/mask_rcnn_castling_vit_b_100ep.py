@@ -9,7 +9,7 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from .common.coco_loader_lsj import dataloader  # noqa: F401  (part of the config)
-from .models.mask_rcnn_castling_vit import model
+from .models.mask_rcnn_castling_vit import model  # noqa: F401  (part of the config)
 
 train = model_zoo.get_config("common/train.py").train
 train.init_checkpoint = ""  # no pretrained Castling-ViT exists yet: from scratch unless you set one

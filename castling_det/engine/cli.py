@@ -1,0 +1,47 @@
+"""Command-line plumbing shared by tools/train_net.py and tools/lazyconfig_train_net.py."""
+from detectron2.engine import default_argument_parser, launch
+
+from ..data import register_coco_dataset, register_voc_dataset
+
+__all__ = ["argument_parser", "launch_from_args", "register_datasets"]
+
+
+def argument_parser(epilog=None):
+    """Detectron2's ``default_argument_parser`` plus ``--register-coco``, ``--register-voc`` and
+    ``--softmax-branch``."""
+    parser = default_argument_parser(epilog)
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format data set under NAME before training (repeatable)",
+    )
+    parser.add_argument(
+        "--register-voc", nargs=4, action="append", default=[],
+        metavar=("NAME", "VOC_ROOT", "SPLIT", "CLASSES"),
+        help="register a Pascal VOC split (comma-separated class names) under NAME (repeatable)",
+    )
+    parser.add_argument(
+        "--softmax-branch", choices=("on", "off", "both"), default="off",
+        help="with --eval-only: evaluate with the branch on, off (as deployed; default) or both",
+    )
+    return parser
+
+
+def register_datasets(args) -> None:
+    """Register the data sets named by ``--register-coco`` and ``--register-voc``."""
+    for name, json_file, image_root in args.register_coco:
+        register_coco_dataset(name, json_file, image_root)
+    for name, voc_root, split, classes in args.register_voc:
+        register_voc_dataset(name, voc_root, split, [c.strip() for c in classes.split(",")])
+
+
+def launch_from_args(main, args) -> None:
+    """Run ``main(args)`` in ``args.num_gpus`` processes per machine (Gloo on a CPU)."""
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
