@@ -20,6 +20,11 @@ from pathlib import Path
 
 import matplotlib
 import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from castling_det import add_castling_config, softmax_branch
+from castling_det.analysis import count_gflops
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -37,12 +42,6 @@ VARIANTS = {
 
 def full_size_gflops(output_dir: Path) -> dict:
     """GFLOPs of a trained variant on one 640x480 image, branch on and off."""
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    from castling_det import add_castling_config, softmax_branch
-    from castling_det.analysis import count_gflops
-
     cfg = add_castling_config(get_cfg())
     cfg.merge_from_file(str(output_dir / "config.yaml"))
     cfg.MODEL.DEVICE = "cpu"

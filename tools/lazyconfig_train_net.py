@@ -12,7 +12,6 @@ Examples:
         dataloader.train.total_batch_size=2
 """
 import itertools
-import logging
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
@@ -31,8 +30,6 @@ from castling_det.engine import (
     unwrap_model,
 )
 from castling_det.engine.cli import argument_parser, launch_from_args, register_datasets
-
-logger = logging.getLogger("castling_det")
 
 
 def do_test(cfg, model):

@@ -5,6 +5,7 @@ multiply-add being one FLOP, but counts ``scaled_dot_product_attention``, vector
 as zero. The handles below count them with the same convention, so softmax, window and
 linear-angular attention are compared on equal terms.
 """
+import math
 from typing import Any, Dict, List, Sequence
 
 import torch
@@ -20,10 +21,7 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     q_shape, k_shape, v_shape = (get_shape(x) for x in inputs[:3])
     *batch, num_queries, head_dim = q_shape
     num_keys, value_dim = k_shape[-2], v_shape[-1]
-    groups = 1
-    for size in batch:
-        groups *= size
-    return groups * num_queries * num_keys * (head_dim + value_dim)
+    return math.prod(batch) * num_queries * num_keys * (head_dim + value_dim)
 
 
 ATTENTION_FLOP_HANDLES = {

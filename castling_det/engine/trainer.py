@@ -9,6 +9,7 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, Trainer
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import count_gflops
 from .branch_schedule import BranchRegularizer, BranchSchedule
@@ -20,7 +21,7 @@ __all__ = ["CastlingTrainer", "count_test_gflops", "unwrap_model"]
 
 def unwrap_model(model):
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def count_test_gflops(cfg, model):

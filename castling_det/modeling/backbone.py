@@ -24,7 +24,7 @@ from torchvision.ops import StochasticDepth
 
 from .attention import LinearAngularAttention, SoftmaxAttention
 
-__all__ = ["ATTN_KINDS", "VIT_PRESETS", "Mlp", "Block", "CastlingViT"]
+__all__ = ["ATTN_KINDS", "VIT_PRESETS", "Mlp", "Block", "CastlingViT", "vit_feature_names"]
 
 ATTN_KINDS = ("castling", "softmax", "window")
 
@@ -34,6 +34,11 @@ VIT_PRESETS = {
     "S": (384, 12, 6),
     "B": (768, 12, 12),
 }
+
+
+def vit_feature_names(depth: int):
+    """Names of the feature maps a depth-``depth`` :class:`CastlingViT` can return."""
+    return ["last_feat"] + [f"block{i}" for i in range(depth)]
 
 
 class Mlp(nn.Module):
@@ -177,8 +182,7 @@ class CastlingViT(Backbone):
         kinds = [attn_kinds] * depth if isinstance(attn_kinds, str) else list(attn_kinds)
         if len(kinds) != depth:
             raise ValueError(f"attn_kinds has {len(kinds)} entries, expected 1 or depth={depth}")
-        feature_names = ["last_feat"] + [f"block{i}" for i in range(depth)]
-        unknown = [name for name in out_features if name not in feature_names]
+        unknown = [name for name in out_features if name not in vit_feature_names(depth)]
         if unknown or not out_features:
             raise ValueError(
                 f"out_features={list(out_features)} must be a non-empty subset of "

@@ -9,7 +9,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import SimpleFeaturePyramid
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 
-from .backbone import ATTN_KINDS, VIT_PRESETS, CastlingViT
+from .backbone import ATTN_KINDS, VIT_PRESETS, CastlingViT, vit_feature_names
 
 __all__ = [
     "CastlingFPN",
@@ -41,10 +41,6 @@ def _check(ok: bool, key: str, value, requirement: str) -> None:
     """Raise a ValueError naming the config key when a value is not allowed."""
     if not ok:
         raise ValueError(f"{key}={value!r} is not allowed: {requirement}")
-
-
-def _feature_names(depth: int):
-    return ["last_feat"] + [f"block{i}" for i in range(depth)]
 
 
 def _vit_kwargs(cfg, in_chans: int) -> dict:
@@ -94,7 +90,7 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
     )
     out_features = list(c.OUT_FEATURES)
     _check(
-        len(out_features) > 0 and set(out_features) <= set(_feature_names(depth)),
+        len(out_features) > 0 and set(out_features) <= set(vit_feature_names(depth)),
         key + "OUT_FEATURES", out_features,
         f"a non-empty list among 'last_feat', 'block0'..'block{depth - 1}'",
     )
@@ -130,7 +126,7 @@ def _build_pyramid(cfg, input_shape: ShapeSpec, scale_factors, top_block) -> Cas
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     depth = cfg.MODEL.CASTLING.DEPTH or VIT_PRESETS.get(cfg.MODEL.CASTLING.SIZE, (0, 0, 0))[1]
     _check(
-        len(in_features) == 1 and in_features[0] in _feature_names(depth),
+        len(in_features) == 1 and in_features[0] in vit_feature_names(depth),
         "MODEL.FPN.IN_FEATURES", in_features,
         f"exactly one of 'last_feat', 'block0'..'block{depth - 1}'",
     )
