@@ -42,6 +42,9 @@ def add_castling_config(cfg: CN) -> CN:
     c.CONV_KIND = "seq"
     # Its kernel size k (odd): 9 for "seq" as in the paper, 3 is usual for "grid".
     c.CONV_KERNEL_SIZE = 9
+    # With the branch off (deployed) and fp32/bf16 inputs, run the attention through
+    # torch.compile's fused kernels (needs a C++ compiler on CPU). False: the eager reference.
+    c.COMPILE_TAIL = False
     # Recompute block activations in the backward pass to save memory.
     c.USE_ACT_CHECKPOINT = False
     # Feature maps returned by the bare backbone: "last_feat" and/or "block{i}" (0-based).

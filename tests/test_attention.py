@@ -10,6 +10,7 @@ with q^ = q/|q|, k^ = k/|k|; then the heads are merged and projected.
 """
 import copy
 import math
+import shutil
 
 import pytest
 import torch
@@ -18,7 +19,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from castling_det import LinearAngularAttention
-from castling_det.modeling.attention import masked_softmax_attention
+from castling_det.modeling.attention import (
+    deployed_linear_angular_attention,
+    masked_softmax_attention,
+)
 
 THRESHOLD = 0.02
 
@@ -353,6 +357,74 @@ def test_fp32_large_n_matches_float64_reference():
         out = module(x)
     expected, _ = reference_from_module(module, x, branch=False)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# The deployed (reordered) form and its compiled path
+# --------------------------------------------------------------------------------------------
+def _has_cpu_compiler() -> bool:
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.parametrize("conv_kind,kernel_size", [("seq", 9), ("grid", 3)])
+def test_deployed_form_matches_reference(conv_kind, kernel_size):
+    """The reordered, branch-off form equals the seed formula in eager mode (no compiler)."""
+    module = _make_module(conv_kind, kernel_size, softmax_branch=False)
+    x = torch.randn(2, 6, 9, 64)
+    with torch.no_grad():
+        q, k, v = module._project_qkv(x)
+        out = deployed_linear_angular_attention(
+            q, k, v, module.dwconv.weight, conv_kind=conv_kind, height=6, width=9
+        )
+        out = module._project_out(out, 6, 9)
+    expected, _ = reference_from_module(module, x, branch=False)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_deployed_form_keeps_the_eps_clamp_for_zero_tokens():
+    module = _make_module("seq", 9, softmax_branch=False)
+    x = torch.randn(1, 4, 4, 64)
+    x[0, 0, :2] = 0.0
+    with torch.no_grad():
+        module.qkv.bias.zero_()  # zero tokens then give q = k = v = 0 exactly
+        q, k, v = module._project_qkv(x)
+        out = deployed_linear_angular_attention(
+            q, k, v, module.dwconv.weight, conv_kind="seq", height=4, width=4
+        )
+        expected = module.attend(q, k, v, 4, 4)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not _has_cpu_compiler(), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("conv_kind,kernel_size", [("seq", 9), ("grid", 3)])
+def test_compiled_tail_matches_eager(conv_kind, kernel_size):
+    module = _make_module(conv_kind, kernel_size, softmax_branch=False)
+    x = torch.randn(2, 6, 9, 64)
+    with torch.no_grad():
+        eager = module(x)
+        module.compile_tail = True
+        compiled = module(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_compile_tail_is_not_used_with_the_branch_or_fp16(monkeypatch):
+    """The fused form has no branch and no fp16 range guard: those inputs take the eager path."""
+    import castling_det.modeling.attention as attention
+
+    def fail():
+        raise AssertionError("the compiled path was taken")
+
+    monkeypatch.setattr(attention, "_compiled_deployed_attention", fail)
+    module = _make_module("seq", 9, softmax_branch=True, compile_tail=True)
+    x = torch.randn(1, 4, 5, 64)
+    with torch.no_grad():
+        expected, _ = reference_from_module(module, x, branch=True)
+        torch.testing.assert_close(module(x).double(), expected, rtol=0, atol=1e-5)
+        module.softmax_branch = False
+        assert torch.isfinite(copy.deepcopy(module).half()(x.half())).all()
+        with pytest.raises(AssertionError, match="compiled path"):
+            module(x)  # the positive control: fp32 with the branch off does take it
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Both take and return tokens laid out as an image, ``(B, H, W, C)``, like Detectr
 same block can run them globally or inside windows and the grid convolution knows the token grid.
 Every product is an explicit ``torch.matmul`` so that trace-based FLOP counters (fvcore) see it.
 """
+import functools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -11,9 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LinearAngularAttention", "SoftmaxAttention", "masked_softmax_attention"]
+__all__ = [
+    "LinearAngularAttention",
+    "SoftmaxAttention",
+    "deployed_linear_angular_attention",
+    "masked_softmax_attention",
+]
 
 CONV_KINDS = ("seq", "grid")
+# Dtypes whose exponent range lets the deployed form apply 1/N to the small tensors only.
+_WIDE_RANGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def masked_softmax_attention(
@@ -49,6 +57,76 @@ def masked_softmax_attention(
     return torch.cat(outputs, dim=-2), kept_mass / q.shape[:-1].numel()
 
 
+def _seq_conv_as_shifts(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The ``"seq"`` depthwise convolution, ``(k × 1)`` along the tokens, as a sum of k shifted,
+    weighted copies of v. Same result as ``F.conv2d``; written this way a compiler fuses it with
+    the elementwise ops around it instead of calling a separate convolution kernel.
+    """
+    size, num_tokens = weight.shape[2], v.shape[-2]
+    padded = F.pad(v, (0, 0, size // 2, size // 2))
+    taps = weight.view(1, -1, size, 1)  # (1, heads, k, 1): one filter per head
+    out = padded[:, :, :num_tokens] * taps[:, :, :1]
+    for shift in range(1, size):
+        out = out + padded[:, :, shift:shift + num_tokens] * taps[:, :, shift:shift + 1]
+    return out
+
+
+def _grid_conv(v: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The ``"grid"`` depthwise ``k × k`` convolution of v over the token grid, ``(B, heads, N, d)``
+    in and out."""
+    batch, heads, _, head_dim = v.shape
+    grid = v.transpose(-2, -1).reshape(batch, heads * head_dim, height, width)
+    out = F.conv2d(grid, weight, padding=weight.shape[-1] // 2, groups=grid.shape[1])
+    return out.reshape(batch, heads, head_dim, height * width).transpose(-2, -1)
+
+
+def deployed_linear_angular_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    conv_weight: torch.Tensor,
+    *,
+    conv_kind: str,
+    height: int,
+    width: int,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Linear-angular attention with the branch off, reordered to read each ``(B, h, N, d)``
+    tensor as few times as possible; equal to :class:`LinearAngularAttention`'s output (before
+    the output projection) up to rounding. Made for ``torch.compile``, which fuses it into two
+    elementwise kernels around the two matmuls; in eager mode it is about as fast as the default.
+
+    The reordering uses that the final normalisation is per token and scale-free: the sum
+    ``(1/π)·q̂(k̂ᵀv)/N + 0.5·v/N`` is multiplied by ``π·‖q‖`` (and its eps clamp with it), so q
+    is never normalised as a full tensor, and 1/N is applied to ``k̂`` and the ``d × d`` product
+    only. That leaves un-normalised intermediates, in range for fp32 and bf16 but not for fp16:
+    use the default path for fp16.
+
+    Args:
+        q, k, v: ``(B, heads, N, d)``, with ``N = height · width``.
+        conv_weight: weight of the module's depthwise convolution.
+        conv_kind, eps: as in :class:`LinearAngularAttention`.
+        height, width: the token grid.
+
+    Returns:
+        ``(B, heads, N, d)``, in v's dtype.
+    """
+    num_tokens = height * width
+    q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(eps)
+    k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(eps)
+    k_scaled = (k / (k_norm * num_tokens)).to(k.dtype)
+    kv = torch.matmul(k_scaled.transpose(-2, -1), v)  # k̂ᵀv / N, (B, h, d, d)
+    total = torch.matmul(q, kv).float() + (math.pi / (2 * num_tokens)) * q_norm * v.float()
+    total_norm = torch.linalg.vector_norm(total, dim=-1, keepdim=True).clamp_min(
+        math.pi * eps / num_tokens * q_norm
+    )
+    if conv_kind == "seq":
+        conv = _seq_conv_as_shifts(v, conv_weight)
+    else:
+        conv = _grid_conv(v, conv_weight, height, width)
+    return (total / total_norm).to(v.dtype) + conv
+
+
 class _MultiHeadAttention(nn.Module):
     """What every attention here shares: the q, k, v and output projections over heads."""
 
@@ -76,6 +154,21 @@ class _MultiHeadAttention(nn.Module):
         """Per-head outputs ``(B, heads, H·W, d)`` to projected tokens ``(B, H, W, C)``."""
         batch = out.shape[0]
         return self.proj(out.transpose(1, 2).reshape(batch, height, width, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: tokens of shape ``(B, H, W, C)``.
+
+        Returns:
+            Tensor of shape ``(B, H, W, C)``.
+        """
+        height, width = x.shape[1:3]
+        out = self.attend(*self._project_qkv(x), height, width)
+        return self._project_out(out, height, width)
 
 
 class LinearAngularAttention(_MultiHeadAttention):
@@ -111,6 +204,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         branch_threshold: float = 0.02,
         branch_chunk_size: Optional[int] = 1024,
         softmax_branch: bool = True,
+        compile_tail: bool = False,
         eps: float = 1e-6,
     ):
         """
@@ -126,6 +220,9 @@ class LinearAngularAttention(_MultiHeadAttention):
             branch_threshold: attention weights of the softmax branch at or below it are masked.
             branch_chunk_size: queries per chunk in the softmax branch (None: all at once).
             softmax_branch: whether the auxiliary softmax branch is on at construction.
+            compile_tail: with the branch off and an fp32 or bf16 input, run
+                :func:`deployed_linear_angular_attention` through ``torch.compile`` (needs a C++
+                compiler on CPU, Triton on GPU). Off by default: the eager path is the reference.
             eps: lower clamp of every L2 norm.
         """
         super().__init__(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
@@ -144,6 +241,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         self.branch_scale = 1.0
         self.branch_stats: Optional[Dict[str, torch.Tensor]] = None
         self.eps = eps
+        self.compile_tail = compile_tail
 
         pad = conv_kernel_size // 2
         if conv_kind == "seq":
@@ -161,22 +259,21 @@ class LinearAngularAttention(_MultiHeadAttention):
         if self.conv_kind == "seq":
             # v read as a ``heads``-channel image of height N and width d.
             return self.dwconv(v)
-        batch, heads, _, head_dim = v.shape
-        grid = v.transpose(-2, -1).reshape(batch, heads * head_dim, height, width)
-        out = self.dwconv(grid)
-        return out.reshape(batch, heads, head_dim, height * width).transpose(-2, -1)
+        return _grid_conv(v, self.dwconv.weight, height, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: tokens of shape ``(B, H, W, C)``.
+    def _branch_active(self) -> bool:
+        return self.softmax_branch and self.branch_scale > 0
 
-        Returns:
-            Tensor of shape ``(B, H, W, C)``.
-        """
-        height, width = x.shape[1:3]
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int):
+        """The attention operator alone: per-head ``q, k, v`` of shape ``(B, heads, N, d)`` with
+        ``N = height · width`` to the per-head output, same shape, in v's dtype."""
         num_tokens = height * width
-        q, k, v = self._project_qkv(x)
+        self.branch_stats = None
+        if self.compile_tail and not self._branch_active() and v.dtype in _WIDE_RANGE_DTYPES:
+            return _compiled_deployed_attention()(
+                q, k, v, self.dwconv.weight, conv_kind=self.conv_kind, height=height,
+                width=width, eps=self.eps,
+            )
 
         q_hat = F.normalize(q, dim=-1, eps=self.eps)
         k_hat = F.normalize(k, dim=-1, eps=self.eps)
@@ -185,8 +282,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         inv_sqrt_n = num_tokens**-0.5
         kv = torch.matmul((k_hat * inv_sqrt_n).transpose(-2, -1), v * inv_sqrt_n)  # (B, h, d, d)
         total = torch.matmul(q_hat, kv).float() / math.pi + (0.5 / num_tokens) * v.float()
-        self.branch_stats = None
-        if self.softmax_branch and self.branch_scale > 0:
+        if self._branch_active():
             branch, kept_mass = masked_softmax_attention(
                 q, k, v, threshold=self.branch_threshold, chunk_size=self.branch_chunk_size
             )
@@ -197,8 +293,14 @@ class LinearAngularAttention(_MultiHeadAttention):
             total = total + branch
         # Clamping at eps/N on the 1/N-scaled sum is the eps clamp of the unscaled sum.
         out = F.normalize(total, dim=-1, eps=self.eps / num_tokens).to(v.dtype)
-        out = out + self._conv(v, height, width)
-        return self._project_out(out, height, width)
+        return out + self._conv(v, height, width)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_deployed_attention():
+    """:func:`deployed_linear_angular_attention` through ``torch.compile``, built on first use so
+    that importing this module does not start the compiler."""
+    return torch.compile(deployed_linear_angular_attention)
 
 
 class SoftmaxAttention(_MultiHeadAttention):
@@ -209,14 +311,6 @@ class SoftmaxAttention(_MultiHeadAttention):
     it windowed by partitioning the input first.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            x: tokens of shape ``(B, H, W, C)``.
-
-        Returns:
-            Tensor of shape ``(B, H, W, C)``.
-        """
-        q, k, v = self._project_qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self._project_out(out, *x.shape[1:3])
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int):
+        """The attention operator alone: per-head ``(B, heads, N, d)`` in and out."""
+        return F.scaled_dot_product_attention(q, k, v)

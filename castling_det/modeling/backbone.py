@@ -72,6 +72,7 @@ class Block(nn.Module):
         branch_threshold: float = 0.02,
         branch_chunk_size: Optional[int] = 1024,
         softmax_branch: bool = True,
+        compile_tail: bool = False,
     ):
         """
         Args:
@@ -82,8 +83,8 @@ class Block(nn.Module):
             mlp_ratio: hidden width of the MLP over ``dim``.
             qkv_bias: whether the q, k, v projection has a bias.
             drop_path: stochastic depth rate of both residual branches.
-            conv_kind, conv_kernel_size, branch_threshold, branch_chunk_size, softmax_branch:
-                passed to :class:`LinearAngularAttention` (``"castling"`` only).
+            conv_kind, conv_kernel_size, branch_threshold, branch_chunk_size, softmax_branch,
+            compile_tail: passed to :class:`LinearAngularAttention` (``"castling"`` only).
         """
         super().__init__()
         if attn_kind not in ATTN_KINDS:
@@ -104,6 +105,7 @@ class Block(nn.Module):
                 branch_threshold=branch_threshold,
                 branch_chunk_size=branch_chunk_size,
                 softmax_branch=softmax_branch,
+                compile_tail=compile_tail,
             )
         else:
             self.attn = SoftmaxAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
@@ -151,6 +153,7 @@ class CastlingViT(Backbone):
         branch_threshold: float = 0.02,
         branch_chunk_size: Optional[int] = 1024,
         softmax_branch: bool = True,
+        compile_tail: bool = False,
         use_act_checkpoint: bool = False,
         out_features: Sequence[str] = ("last_feat",),
     ):
@@ -168,8 +171,9 @@ class CastlingViT(Backbone):
             mlp_ratio: MLP hidden width over ``embed_dim``.
             qkv_bias: whether the q, k, v projections have a bias.
             drop_path_rate: stochastic depth rate, rising linearly from 0 to this over the blocks.
-            conv_kind, conv_kernel_size, branch_threshold, branch_chunk_size, softmax_branch:
-                settings of the ``"castling"`` blocks, see :class:`LinearAngularAttention`.
+            conv_kind, conv_kernel_size, branch_threshold, branch_chunk_size, softmax_branch,
+            compile_tail: settings of the ``"castling"`` blocks, see
+                :class:`LinearAngularAttention`.
             use_act_checkpoint: recompute each block's activations in the backward pass
                 (saves memory in training, costs one more forward).
             out_features: names of the feature maps to return.
@@ -217,6 +221,7 @@ class CastlingViT(Backbone):
                 branch_threshold=branch_threshold,
                 branch_chunk_size=branch_chunk_size,
                 softmax_branch=softmax_branch,
+                compile_tail=compile_tail,
             )
             for kind, rate in zip(kinds, drop_rates)
         )
