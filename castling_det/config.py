@@ -59,7 +59,7 @@ def add_castling_config(cfg: CN) -> CN:
     # Softmax weights at or below this are masked out of the branch.
     c.BRANCH.THRESHOLD = 0.02
     # Queries per chunk when computing the branch (exact; bounds its memory); 0: all at once.
-    c.BRANCH.CHUNK_SIZE = 1024
+    c.BRANCH.CHUNK_SIZE = 512
     # Final weight of the L1 penalty on the softmax mass the mask keeps (loss_branch_l1).
     c.BRANCH.L1_WEIGHT = 1.0
     # Fraction of training over which that weight ramps up linearly from 0.

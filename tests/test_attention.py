@@ -455,6 +455,20 @@ def test_chunked_branch_equals_unchunked():
     assert unmasked_mass.item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_checkpointed_chunks_give_the_unchunked_gradients():
+    """In training the chunks are recomputed in the backward pass; the gradients must not change."""
+    inputs = [torch.randn(1, 2, 40, 16) * s for s in (2.0, 2.0, 1.0)]
+    grads = []
+    for chunk_size in (None, 7):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out, mass = masked_softmax_attention(*leaves, threshold=THRESHOLD, chunk_size=chunk_size)
+        (out.square().sum() + mass).backward()
+        grads.append([t.grad for t in leaves])
+    for chunked, full in zip(grads[1], grads[0]):
+        assert full.abs().max() > 0
+        torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # No N x N tensor with the branch off
 # --------------------------------------------------------------------------------------------

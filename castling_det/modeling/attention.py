@@ -11,6 +11,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "LinearAngularAttention",
@@ -22,6 +23,15 @@ __all__ = [
 CONV_KINDS = ("seq", "grid")
 # Dtypes whose exponent range lets the deployed form apply 1/N to the small tensors only.
 _WIDE_RANGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _masked_softmax_chunk(
+    q_chunk: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, threshold: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One query chunk of the branch: its output rows and the softmax mass its mask keeps."""
+    attn = torch.matmul(q_chunk * q_chunk.shape[-1] ** -0.5, k_t).softmax(dim=-1)
+    sparse = attn * (attn > threshold)
+    return torch.matmul(sparse, v), sparse.sum()
 
 
 def masked_softmax_attention(
@@ -38,22 +48,28 @@ def masked_softmax_attention(
         q, k, v: tensors of shape ``(B, heads, N, d)``; q and k are the *un-normalised* projections.
         threshold: attention weights at or below it are dropped (set to zero, not renormalised).
         chunk_size: if given, queries are processed ``chunk_size`` at a time. Every query row is
-            independent, so chunking is exact and bounds the peak memory to ``chunk_size × N``
-            scores per head instead of ``N × N``.
+            independent, so chunking is exact. Each chunk is checkpointed when gradients are
+            recorded (its scores are recomputed in the backward pass instead of kept), so the
+            peak memory is ``chunk_size × N`` scores per head instead of ``N × N``, in training
+            as in inference.
 
     Returns:
         The branch output, ``(B, heads, N, d)``, and the softmax mass the mask keeps, averaged over
         batch, heads and queries (a scalar in [0, 1], differentiable: what the L1 penalty shrinks).
     """
-    scale = q.shape[-1] ** -0.5
     k_t = k.transpose(-2, -1)
-    step = q.shape[-2] if chunk_size is None else chunk_size
+    if chunk_size is None:
+        out, kept_mass = _masked_softmax_chunk(q, k_t, v, threshold)
+        return out, kept_mass / q.shape[:-1].numel()
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outputs, kept_mass = [], 0.0
-    for q_chunk in q.split(step, dim=-2):
-        attn = torch.matmul(q_chunk * scale, k_t).softmax(dim=-1)
-        sparse = attn * (attn > threshold)
-        outputs.append(torch.matmul(sparse, v))
-        kept_mass = kept_mass + sparse.sum()
+    for q_chunk in q.split(chunk_size, dim=-2):
+        if recompute:
+            out, kept = checkpoint(_masked_softmax_chunk, q_chunk, k_t, v, threshold, use_reentrant=False)
+        else:
+            out, kept = _masked_softmax_chunk(q_chunk, k_t, v, threshold)
+        outputs.append(out)
+        kept_mass = kept_mass + kept
     return torch.cat(outputs, dim=-2), kept_mass / q.shape[:-1].numel()
 
 
@@ -202,7 +218,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         conv_kind: str = "seq",
         conv_kernel_size: int = 9,
         branch_threshold: float = 0.02,
-        branch_chunk_size: Optional[int] = 1024,
+        branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
         eps: float = 1e-6,
@@ -275,13 +291,18 @@ class LinearAngularAttention(_MultiHeadAttention):
                 width=width, eps=self.eps,
             )
 
-        q_hat = F.normalize(q, dim=-1, eps=self.eps)
-        k_hat = F.normalize(k, dim=-1, eps=self.eps)
+        # Written so that full-size temporaries die early and the tail works in place: in
+        # inference the peak is about twice the q, k, v projection, whatever N is.
         # k̂ᵀv / N, with the 1/N split between the factors so neither the inputs nor the
         # N-term sum leave the fp16 range.
         inv_sqrt_n = num_tokens**-0.5
-        kv = torch.matmul((k_hat * inv_sqrt_n).transpose(-2, -1), v * inv_sqrt_n)  # (B, h, d, d)
-        total = torch.matmul(q_hat, kv).float() / math.pi + (0.5 / num_tokens) * v.float()
+        k_hat = F.normalize(k, dim=-1, eps=self.eps).mul_(inv_sqrt_n)
+        kv = torch.matmul(k_hat.transpose(-2, -1), v * inv_sqrt_n)  # (B, h, d, d)
+        del k_hat
+        q_hat = F.normalize(q, dim=-1, eps=self.eps)
+        # (1/π)·q̂(k̂ᵀv)/N + 0.5·v/N, summed in fp32.
+        total = torch.matmul(q_hat, kv).float().div_(math.pi).add_(v, alpha=0.5 / num_tokens)
+        del q_hat
         if self._branch_active():
             branch, kept_mass = masked_softmax_attention(
                 q, k, v, threshold=self.branch_threshold, chunk_size=self.branch_chunk_size
@@ -293,7 +314,8 @@ class LinearAngularAttention(_MultiHeadAttention):
             total = total + branch
         # Clamping at eps/N on the 1/N-scaled sum is the eps clamp of the unscaled sum.
         out = F.normalize(total, dim=-1, eps=self.eps / num_tokens).to(v.dtype)
-        return out + self._conv(v, height, width)
+        del total
+        return out.add_(self._conv(v, height, width))
 
 
 @functools.lru_cache(maxsize=None)

@@ -70,7 +70,7 @@ class Block(nn.Module):
         conv_kind: str = "seq",
         conv_kernel_size: int = 9,
         branch_threshold: float = 0.02,
-        branch_chunk_size: Optional[int] = 1024,
+        branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
     ):
@@ -151,7 +151,7 @@ class CastlingViT(Backbone):
         conv_kind: str = "seq",
         conv_kernel_size: int = 9,
         branch_threshold: float = 0.02,
-        branch_chunk_size: Optional[int] = 1024,
+        branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
         use_act_checkpoint: bool = False,
