@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 CONV_KINDS = ("seq", "grid")
-# Dtypes whose exponent range lets the deployed form apply 1/N to the small tensors only.
+# Dtypes whose range holds the deployed form's un-normalised intermediates.
 _WIDE_RANGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
@@ -113,10 +113,11 @@ def deployed_linear_angular_attention(
     elementwise kernels around the two matmuls; in eager mode it is about as fast as the default.
 
     The reordering uses that the final normalisation is per token and scale-free: the sum
-    ``(1/π)·q̂(k̂ᵀv)/N + 0.5·v/N`` is multiplied by ``π·‖q‖`` (and its eps clamp with it), so q
-    is never normalised as a full tensor, and 1/N is applied to ``k̂`` and the ``d × d`` product
-    only. That leaves un-normalised intermediates, in range for fp32 and bf16 but not for fp16:
-    use the default path for fp16.
+    ``(1/π)·q̂(k̂ᵀv) + 0.5·v`` is multiplied by ``π·‖q‖`` (and its eps clamp with it), so q is
+    never normalised as a full tensor. Unlike the default path, the two matmuls run in the
+    input's precision (that is the speed-up): in bf16 the output error is then about twice
+    bf16's rounding, and q(k̂ᵀv), up to ``‖q‖·N·max|v|``, can overflow fp16, so fp16 inputs
+    belong on the default path.
 
     Args:
         q, k, v: ``(B, heads, N, d)``, with ``N = height · width``.
@@ -127,14 +128,13 @@ def deployed_linear_angular_attention(
     Returns:
         ``(B, heads, N, d)``, in v's dtype.
     """
-    num_tokens = height * width
-    q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(eps)
-    k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(eps)
-    k_scaled = (k / (k_norm * num_tokens)).to(k.dtype)
-    kv = torch.matmul(k_scaled.transpose(-2, -1), v)  # k̂ᵀv / N, (B, h, d, d)
-    total = torch.matmul(q, kv).float() + (math.pi / (2 * num_tokens)) * q_norm * v.float()
+    acc = torch.promote_types(v.dtype, torch.float32)  # the elementwise tail: fp32 at least
+    q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=acc).clamp_min(eps)
+    k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc).clamp_min(eps)
+    kv = torch.matmul((k / k_norm).to(k.dtype).transpose(-2, -1), v)  # k̂ᵀv, (B, h, d, d)
+    total = torch.matmul(q, kv).to(acc) + (math.pi / 2) * q_norm * v.to(acc)
     total_norm = torch.linalg.vector_norm(total, dim=-1, keepdim=True).clamp_min(
-        math.pi * eps / num_tokens * q_norm
+        math.pi * eps * q_norm
     )
     if conv_kind == "seq":
         conv = _seq_conv_as_shifts(v, conv_weight)
@@ -203,10 +203,10 @@ class LinearAngularAttention(_MultiHeadAttention):
     ``branch_scale`` to 0 (then the branch is not computed). In training mode each forward leaves
     ``branch_stats``: the kept softmax mass (differentiable) and the branch's share of the sum.
 
-    Numerics: the sum inside ``normalize`` is scaled by 1/N term by term (exact, since the
-    normalisation is scale-free), so ``k̂ᵀv`` stays in range in fp16/bf16 at any N. The sum and its
-    normalisation are done in fp32; norms are clamped at ``eps`` so that an all-zero token gives
-    zeros, not NaN.
+    Numerics: from bf16 or fp16 q, k, v, everything between the projections and the
+    depthwise convolution (norms, both matmuls, the sum and its normalisation) runs in fp32, so
+    ``k̂ᵀv``, a sum over N tokens, cannot overflow fp16, and the output's error is bf16's own
+    rounding. Norms are clamped at ``eps`` so that an all-zero token gives zeros, not NaN.
     """
 
     def __init__(
@@ -283,7 +283,6 @@ class LinearAngularAttention(_MultiHeadAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int):
         """The attention operator alone: per-head ``q, k, v`` of shape ``(B, heads, N, d)`` with
         ``N = height · width`` to the per-head output, same shape, in v's dtype."""
-        num_tokens = height * width
         self.branch_stats = None
         if self.compile_tail and not self._branch_active() and v.dtype in _WIDE_RANGE_DTYPES:
             return _compiled_deployed_attention()(
@@ -293,27 +292,24 @@ class LinearAngularAttention(_MultiHeadAttention):
 
         # Written so that full-size temporaries die early and the tail works in place: in
         # inference the peak is about twice the q, k, v projection, whatever N is.
-        # k̂ᵀv / N, with the 1/N split between the factors so neither the inputs nor the
-        # N-term sum leave the fp16 range.
-        inv_sqrt_n = num_tokens**-0.5
-        k_hat = F.normalize(k, dim=-1, eps=self.eps).mul_(inv_sqrt_n)
-        kv = torch.matmul(k_hat.transpose(-2, -1), v * inv_sqrt_n)  # (B, h, d, d)
-        del k_hat
-        q_hat = F.normalize(q, dim=-1, eps=self.eps)
-        # (1/π)·q̂(k̂ᵀv)/N + 0.5·v/N, summed in fp32.
-        total = torch.matmul(q_hat, kv).float().div_(math.pi).add_(v, alpha=0.5 / num_tokens)
-        del q_hat
+        acc = torch.promote_types(v.dtype, torch.float32)
+        q_acc, k_acc, v_acc = q.to(acc), k.to(acc), v.to(acc)  # no copies when already fp32
+        kv = torch.matmul(F.normalize(k_acc, dim=-1, eps=self.eps).transpose(-2, -1), v_acc)
+        del k_acc
+        # (1/π)·q̂(k̂ᵀv) + 0.5·v
+        total = torch.matmul(F.normalize(q_acc, dim=-1, eps=self.eps), kv)
+        total = total.div_(math.pi).add_(v_acc, alpha=0.5)
+        del q_acc, v_acc
         if self._branch_active():
             branch, kept_mass = masked_softmax_attention(
                 q, k, v, threshold=self.branch_threshold, chunk_size=self.branch_chunk_size
             )
-            branch = branch.float() * (self.branch_scale / num_tokens)
+            branch = branch.to(acc) * self.branch_scale
             if self.training:
                 share = branch.norm(dim=-1) / (total + branch).norm(dim=-1).clamp_min(1e-12)
                 self.branch_stats = {"mass": kept_mass, "share": share.mean().detach()}
             total = total + branch
-        # Clamping at eps/N on the 1/N-scaled sum is the eps clamp of the unscaled sum.
-        out = F.normalize(total, dim=-1, eps=self.eps / num_tokens).to(v.dtype)
+        out = F.normalize(total, dim=-1, eps=self.eps).to(v.dtype)
         del total
         return out.add_(self._conv(v, height, width))
 

@@ -1,0 +1,102 @@
+"""Measurement: FLOP handles against the hand count, the timing helpers, tools/benchmark.py end to end."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fvcore.nn import FlopCountAnalysis
+
+from castling_det.analysis import ATTENTION_FLOP_HANDLES
+from castling_det.analysis.timing import median_latency_ms, peak_memory_mib
+from castling_det.modeling.backbone import Block
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("attn_kind", ["castling", "softmax"])
+def test_block_flops_match_the_hand_count(attn_kind):
+    """DESIGN.md §2, per block: linear layers 12·N·d², linear-angular attention 2·N·d·d_h,
+    softmax attention 2·N²·d (multiply-adds). Norms, GELU and the conv add < 1%."""
+    width, side, head_dim = 768, 32, 64
+    num_tokens = side * side
+    block = Block(dim=width, num_heads=width // head_dim, attn_kind=attn_kind, softmax_branch=False)
+    counter = FlopCountAnalysis(block.eval(), (torch.randn(1, side, side, width),))
+    counter.set_op_handle(**ATTENTION_FLOP_HANDLES).unsupported_ops_warnings(False)
+    attention = 2 * num_tokens * width * (head_dim if attn_kind == "castling" else num_tokens)
+    expected = 12 * num_tokens * width**2 + attention
+    assert counter.total() == pytest.approx(expected, rel=0.01)
+    # without the handles the softmax block would lose its whole attention term
+    if attn_kind == "softmax":
+        bare = FlopCountAnalysis(block, (torch.randn(1, side, side, width),))
+        bare.unsupported_ops_warnings(False)
+        assert bare.total() < expected - 0.9 * attention
+
+
+def test_peak_memory_counts_what_the_call_allocates():
+    base = torch.randn(256, 1024)  # 1 MiB, existing before the call: not counted
+
+    def two_live_mib():
+        first = base + 1  # 1 MiB
+        second = first * 2  # 2 MiB live
+        del first
+        return (second - 1).sum()  # 2 MiB live again, then the scalar
+
+    with torch.inference_mode():
+        assert peak_memory_mib(two_live_mib, CPU) == pytest.approx(2.0, abs=0.01)
+        assert peak_memory_mib(lambda: base.sum(), CPU) < 0.01
+
+
+def test_median_latency_calls_warmup_plus_repeats():
+    calls = []
+    latency = median_latency_ms(lambda: calls.append(1), CPU, warmup=2, repeats=3)
+    assert len(calls) == 5 and latency >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        median_latency_ms(lambda: None, CPU, repeats=0)
+
+
+def _read(path: Path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
+    variants = [
+        f"{name}=configs/COCO-InstanceSegmentation/mask_rcnn_{name}_vit_ti_fpn_3x.yaml"
+        for name in ("castling", "window", "softmax")
+    ]
+    result = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--output-dir", str(tmp_path), "--variants", *variants,
+         "--sizes", "64", "192", "--detector-sizes", "64", "--dtypes", "fp32", "--warmup", "0",
+         "--repeats", "1", "--operator-tokens", "256", "--operator-dim", "64", "--operator-heads",
+         "2", "--large-tokens", "1024", "--no-compile"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("backbone", "detector", "operator", "accuracy", "targets"):
+        assert (tmp_path / f"{name}.csv").is_file(), name
+    assert (tmp_path / "benchmark.png").stat().st_size > 10_000
+    assert (tmp_path / "environment.json").is_file()
+
+    backbone = _read(tmp_path / "backbone.csv")
+    assert {(r["variant"], r["size"]) for r in backbone} == {
+        (v, s) for v in ("castling", "window", "softmax") for s in ("64", "192")
+    }
+    for row in backbone:
+        assert float(row["latency_ms"]) > 0 and float(row["peak_mem_mib"]) > 0
+        # every variant costs more than its linear layers; castling least above them
+        assert float(row["gmacs"]) > float(row["floor_gmacs"]) > 0
+    by_variant = {r["variant"]: float(r["gmacs"]) for r in backbone if r["size"] == "192"}  # N = 144 > d_h
+    assert by_variant["castling"] < by_variant["softmax"]
+    assert len(_read(tmp_path / "detector.csv")) == 3
+    operators = {r["operator"] for r in _read(tmp_path / "operator.csv")}
+    assert {"two matmuls q(k^T v)", "castling eager", "softmax SDPA", "castling layer",
+            "branch train naive", "branch train chunked"} <= operators
+    accuracy = _read(tmp_path / "accuracy.csv")
+    assert all(r["finite"] == "True" for r in accuracy)
+    assert all(float(r["rel_error"]) < 5e-3 for r in accuracy)
+    targets = {r["target"]: r for r in _read(tmp_path / "targets.csv")}
+    assert targets["fp16 finite at N=1024"]["met"] == "True"
+    assert "target" in result.stdout and "measured" in result.stdout
