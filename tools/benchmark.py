@@ -383,23 +383,28 @@ def main() -> None:
     (output_dir / "environment.json").write_text(json.dumps({**env, "args": vars(args)}, indent=2))
     torch.manual_seed(0)
 
+    # The quick tasks first; every CSV (and the targets) is written as soon as its task ends, so
+    # an interrupted run keeps what it measured.
     results: Dict[str, List[dict]] = {}
+
+    def save(task: str, rows: List[dict]) -> None:
+        results[task] = rows
+        write_csv(output_dir / f"{task}.csv", rows)
+        results["targets"] = targets(results, device)
+        write_csv(output_dir / "targets.csv", results["targets"])
+
+    if "operator" in args.tasks:
+        save("operator", bench_operator(args, device))
+    if "accuracy" in args.tasks:
+        save("accuracy", bench_accuracy(args, device))
     if {"backbone", "detector"} & set(args.tasks):
         models = {name: build_variant(cfg, args.opts, args.device) for name, cfg in variants.items()}
         if "backbone" in args.tasks:
-            results["backbone"] = bench_backbones(models, args, device, max_sizes)
+            save("backbone", bench_backbones(models, args, device, max_sizes))
+            plot(results["backbone"], output_dir / "benchmark.png", f"ViT backbones on {env['device']}")
         if "detector" in args.tasks:
-            results["detector"] = bench_detectors(models, args, device)
-    if "operator" in args.tasks:
-        results["operator"] = bench_operator(args, device)
-    if "accuracy" in args.tasks:
-        results["accuracy"] = bench_accuracy(args, device)
-    results["targets"] = targets(results, device)
-
-    for name, rows in results.items():
-        write_csv(output_dir / f"{name}.csv", rows)
-    if results.get("backbone"):
-        plot(results["backbone"], output_dir / "benchmark.png", f"ViT backbones on {env['device']}")
+            save("detector", bench_detectors(models, args, device))
+    results.setdefault("targets", targets(results, device))
     print(f"\n{'target':<48} {'measured':>12} {'limit':>8}  met")
     for row in results["targets"]:
         value = "-" if row["measured"] is None else f"{row['measured']:.4g}"
