@@ -78,7 +78,8 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
     for name in ("backbone", "detector", "operator", "accuracy", "targets"):
         assert (tmp_path / f"{name}.csv").is_file(), name
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
-    assert (tmp_path / "environment.json").is_file()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## targets" in summary and "## backbone" in summary and "tools/benchmark.py" in summary
 
     backbone = _read(tmp_path / "backbone.csv")
     assert {(r["variant"], r["size"]) for r in backbone} == {

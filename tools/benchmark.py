@@ -16,21 +16,21 @@ MODEL.CASTLING.ATTN_KINDS), built the same way, measured in one run on one machi
   ``--large-tokens`` tokens.
 
 Writes ``backbone.csv``, ``detector.csv``, ``operator.csv``, ``accuracy.csv``, ``targets.csv``,
-``environment.json`` and ``benchmark.png`` (latency and memory against pixels, log-log) under
-``--output-dir``, and prints the targets. bf16 and fp16 run under autocast. On a GPU nothing
-changes but ``--device``.
+``benchmark.png`` (latency and memory against pixels, log-log) and ``summary.md`` (the command,
+the machine, every table in Markdown) under ``--output-dir``, and prints the targets. bf16 and
+fp16 run under autocast. On a GPU nothing changes but ``--device``.
 
-Example (the README's figures):
+Example (the README lists the commands behind its figures):
     python tools/benchmark.py --output-dir output/benchmark --sizes 512 1024 2048 --dtypes fp32 bf16
 """
 import argparse
 import copy
 import csv
-import json
 import math
 import os
 import platform
-from contextlib import nullcontext
+import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Dict, List
 
@@ -73,6 +73,10 @@ def parse_args():
         "--max-size", nargs="+", default=[], metavar="NAME=SIZE",
         help="skip a variant's backbone above this size (e.g. softmax=1024 where 2048 takes minutes)",
     )
+    parser.add_argument(
+        "--compiled-variants", nargs="+", default=[], metavar="NAME",
+        help="also run these variants with MODEL.CASTLING.COMPILE_TAIL True, as NAME-compiled",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -111,6 +115,20 @@ def build_variant(config_file: str, opts: List[str], device: str) -> nn.Module:
     return model
 
 
+@contextmanager
+def eager_attention(model: nn.Module):
+    """fvcore counts through torch.jit.trace, which cannot enter torch.compile: count a compiled
+    model as its eager twin (the same operations)."""
+    compiled = [m for m in model.modules() if getattr(m, "compile_tail", False)]
+    for module in compiled:
+        module.compile_tail = False
+    try:
+        yield
+    finally:
+        for module in compiled:
+            module.compile_tail = True
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext()
@@ -128,7 +146,8 @@ def vit_gmacs(vit: nn.Module, image: torch.Tensor) -> Dict[str, float]:
     """fvcore GMACs of the ViT (attention included) and the floor of its linear layers alone."""
     counter = FlopCountAnalysis(vit, (image,)).set_op_handle(**ATTENTION_FLOP_HANDLES)
     counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    by_module = counter.by_module()
+    with eager_attention(vit):
+        by_module = counter.by_module()
     linear = [name for name, m in vit.named_modules() if isinstance(m, nn.Linear)]
     floor = sum(by_module[name] for name in linear) + by_module["patch_embed"]
     return {"gmacs": counter.total() / 1e9, "floor_gmacs": floor / 1e9}
@@ -162,7 +181,8 @@ def bench_detectors(models, args, device) -> List[dict]:
         for size in args.detector_sizes:
             image = torch.randint(0, 256, (3, size, size), device=device).float()
             inputs = [{"image": image, "height": size, "width": size}]
-            gmacs = count_gflops(model, inputs, modules=())["model"]
+            with eager_attention(model):
+                gmacs = count_gflops(model, inputs, modules=())["model"]
             for dtype_name in args.dtypes:
                 def run():
                     with torch.inference_mode(), autocast(device, DTYPES[dtype_name]):
@@ -357,6 +377,27 @@ def plot(rows: List[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None or value == "" else str(value)
+
+
+def write_summary(path: Path, results: Dict[str, List[dict]], env: dict) -> None:
+    """Every table of the run in Markdown, under the command and the machine that produced it."""
+    lines = ["# tools/benchmark.py", "", "```", "python " + " ".join(sys.argv), "```", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    for name in ("targets", *TASKS):
+        rows = results.get(name)
+        if not rows:
+            continue
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        lines += [f"## {name}", "", "| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+        lines += ["| " + " | ".join(_cell(row.get(f)) for f in fields) + " |" for row in rows]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
 def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -380,7 +421,6 @@ def main() -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     print("environment", env)
-    (output_dir / "environment.json").write_text(json.dumps({**env, "args": vars(args)}, indent=2))
     torch.manual_seed(0)
 
     # The quick tasks first; every CSV (and the targets) is written as soon as its task ends, so
@@ -392,6 +432,7 @@ def main() -> None:
         write_csv(output_dir / f"{task}.csv", rows)
         results["targets"] = targets(results, device)
         write_csv(output_dir / "targets.csv", results["targets"])
+        write_summary(output_dir / "summary.md", results, env)
 
     if "operator" in args.tasks:
         save("operator", bench_operator(args, device))
@@ -399,6 +440,11 @@ def main() -> None:
         save("accuracy", bench_accuracy(args, device))
     if {"backbone", "detector"} & set(args.tasks):
         models = {name: build_variant(cfg, args.opts, args.device) for name, cfg in variants.items()}
+        for name in args.compiled_variants:
+            if name not in variants:
+                raise SystemExit(f"--compiled-variants: {name!r} is not among {sorted(variants)}")
+            compile_opts = args.opts + ["MODEL.CASTLING.COMPILE_TAIL", "True"]
+            models[f"{name}-compiled"] = build_variant(variants[name], compile_opts, args.device)
         if "backbone" in args.tasks:
             save("backbone", bench_backbones(models, args, device, max_sizes))
             plot(results["backbone"], output_dir / "benchmark.png", f"ViT backbones on {env['device']}")
