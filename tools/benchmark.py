@@ -37,6 +37,7 @@ from typing import Dict, List
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
@@ -176,19 +177,28 @@ def bench_backbones(models, args, device, max_sizes) -> List[dict]:
 
 
 def bench_detectors(models, args, device) -> List[dict]:
+    """The whole detector, and where its time goes: the ViT, the ViT with its feature pyramid,
+    and (the rest) the RPN, ROI heads and post-processing."""
     rows = []
     for name, model in models.items():
         for size in args.detector_sizes:
             image = torch.randint(0, 256, (3, size, size), device=device).float()
             inputs = [{"image": image, "height": size, "width": size}]
+            normalized = ((image - model.pixel_mean) / model.pixel_std)[None]
             with eager_attention(model):
                 gmacs = count_gflops(model, inputs, modules=())["model"]
             for dtype_name in args.dtypes:
-                def run():
-                    with torch.inference_mode(), autocast(device, DTYPES[dtype_name]):
-                        model(inputs)
+                def run(fn, *fn_args):
+                    def call():
+                        with torch.inference_mode(), autocast(device, DTYPES[dtype_name]):
+                            fn(*fn_args)
+                    return call
                 row = {"variant": name, "dtype": dtype_name, "size": size,
-                       **timed(run, device, args), "gmacs": gmacs}
+                       **timed(run(model, inputs), device, args), "gmacs": gmacs}
+                for stage, module in (("vit_ms", model.backbone.net), ("vit_pyramid_ms", model.backbone)):
+                    row[stage] = median_latency_ms(
+                        run(module, normalized), device, warmup=args.warmup, repeats=args.repeats
+                    )
                 print("detector", row)
                 rows.append(row)
     return rows
@@ -357,16 +367,20 @@ def write_csv(path: Path, rows: List[dict]) -> None:
 def plot(rows: List[dict], path: Path, title: str) -> None:
     """Backbone latency and peak memory against pixels, log-log, one line per variant and dtype."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    # One colour per variant, one line style per dtype.
+    colors = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r["variant"] for r in rows))}
+    styles = {"fp32": "-", "bf16": "--", "fp16": ":"}
     for (variant, dtype_name) in dict.fromkeys((r["variant"], r["dtype"]) for r in rows):
         line = sorted((r for r in rows if r["variant"] == variant and r["dtype"] == dtype_name),
                       key=lambda r: r["size"])
         pixels = [r["size"] ** 2 for r in line]
-        style = "-" if dtype_name == "fp32" else "--"
         for ax, key in zip(axes, ("latency_ms", "peak_mem_mib")):
-            ax.plot(pixels, [r[key] for r in line], style, marker="o", label=f"{variant} {dtype_name}")
+            ax.plot(pixels, [r[key] for r in line], styles[dtype_name], color=colors[variant],
+                    marker="o", label=f"{variant} {dtype_name}")
     for ax, label in zip(axes, ("latency (ms, median)", "peak memory (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("pixels (square input)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
