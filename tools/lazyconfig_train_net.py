@@ -29,7 +29,12 @@ from castling_det.engine import (
     format_switch_table,
     unwrap_model,
 )
-from castling_det.engine.cli import argument_parser, launch_from_args, register_datasets
+from castling_det.engine.cli import (
+    argument_parser,
+    launch_from_args,
+    register_datasets,
+    setup_castling_logger,
+)
 
 
 def do_test(cfg, model):
@@ -99,6 +104,7 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     default_setup(cfg, args)
+    setup_castling_logger(cfg.train.output_dir)
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)

@@ -27,7 +27,12 @@ from castling_det.engine import (
     evaluate_with_branch,
     format_switch_table,
 )
-from castling_det.engine.cli import argument_parser, launch_from_args, register_datasets
+from castling_det.engine.cli import (
+    argument_parser,
+    launch_from_args,
+    register_datasets,
+    setup_castling_logger,
+)
 
 
 def setup(args):
@@ -40,6 +45,7 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    setup_castling_logger(cfg.OUTPUT_DIR)
     return cfg
 
 

@@ -2,13 +2,14 @@
 from .branch_schedule import BranchRegularizer, BranchSchedule
 from .branch_switch import SoftmaxBranchSwitch, evaluate_with_branch, format_switch_table
 from .optimizer import build_optimizer
-from .trainer import CastlingTrainer, count_test_gflops, unwrap_model
+from .trainer import CastlingTrainer, build_checked_test_loader, count_test_gflops, unwrap_model
 
 __all__ = [
     "BranchRegularizer",
     "BranchSchedule",
     "CastlingTrainer",
     "SoftmaxBranchSwitch",
+    "build_checked_test_loader",
     "build_optimizer",
     "count_test_gflops",
     "evaluate_with_branch",

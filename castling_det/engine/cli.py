@@ -1,9 +1,11 @@
 """Command-line plumbing shared by tools/train_net.py and tools/lazyconfig_train_net.py."""
 from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..data import register_coco_dataset, register_voc_dataset
 
-__all__ = ["argument_parser", "launch_from_args", "register_datasets"]
+__all__ = ["argument_parser", "launch_from_args", "register_datasets", "setup_castling_logger"]
 
 
 def argument_parser(epilog=None):
@@ -33,6 +35,12 @@ def register_datasets(args) -> None:
         register_coco_dataset(name, json_file, image_root)
     for name, voc_root, split, classes in args.register_voc:
         register_voc_dataset(name, voc_root, split, [c.strip() for c in classes.split(",")])
+
+
+def setup_castling_logger(output_dir) -> None:
+    """Show castling_det's log (its data warnings among it) as Detectron2's own: on the console of
+    the main process and in ``output_dir``/log.txt."""
+    setup_logger(output_dir, distributed_rank=comm.get_rank(), name="castling_det", abbrev_name="castling")
 
 
 def launch_from_args(main, args) -> None:

@@ -4,7 +4,7 @@ import os
 import weakref
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_test_loader
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
@@ -12,11 +12,12 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import count_gflops
+from ..data import CheckedDatasetMapper
 from .branch_schedule import BranchRegularizer, BranchSchedule
 from .branch_switch import SoftmaxBranchSwitch
 from .optimizer import build_optimizer
 
-__all__ = ["CastlingTrainer", "count_test_gflops", "unwrap_model"]
+__all__ = ["CastlingTrainer", "build_checked_test_loader", "count_test_gflops", "unwrap_model"]
 
 
 def unwrap_model(model):
@@ -24,12 +25,19 @@ def unwrap_model(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def build_checked_test_loader(cfg, dataset_name):
+    """Detectron2's test loader of ``dataset_name``, with images read by
+    :class:`CheckedDatasetMapper` (any pixel format, errors that name the file)."""
+    mapper = CheckedDatasetMapper(cfg, is_train=False, dataset_names=(dataset_name,))
+    return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+
+
 def count_test_gflops(cfg, model):
     """Mean GFLOPs of ``model`` on the first ``TEST.FLOPS_NUM_IMAGES`` images of the first test
     set: ``{"model": ..., "backbone": ..., "backbone.net": ...}`` (``{}`` without a test set)."""
     if not cfg.DATASETS.TEST or cfg.TEST.FLOPS_NUM_IMAGES < 1:
         return {}
-    loader = build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])
+    loader = build_checked_test_loader(cfg, cfg.DATASETS.TEST[0])
     inputs = [batch[0] for batch in itertools.islice(loader, cfg.TEST.FLOPS_NUM_IMAGES)]
     return count_gflops(unwrap_model(model), inputs, modules=("backbone", "backbone.net"))
 
@@ -37,6 +45,8 @@ def count_test_gflops(cfg, model):
 class CastlingTrainer(DefaultTrainer):
     """:class:`DefaultTrainer` for Castling-ViT detectors.
 
+    - reads images with :class:`CheckedDatasetMapper` (grey, alpha and 16-bit images as 8-bit
+      3-channel pixels; an unreadable file named in the error);
     - evaluates with :class:`COCOEvaluator` (boxes, and masks when the model predicts them);
     - builds the optimizer with :func:`build_optimizer` (AdamW, layer-wise lr decay, clipping);
     - adds :class:`BranchRegularizer`, which retires the softmax branch over training;
@@ -64,6 +74,15 @@ class CastlingTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        mapper = CheckedDatasetMapper(cfg, is_train=True, dataset_names=cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_checked_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -3,7 +3,13 @@ import detectron2.data.transforms as T
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 
+from castling_det.data import CheckedDatasetMapper
+
 dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+# Detectron2's mapper, but grey, alpha and 16-bit images arrive as 8-bit RGB, and an unreadable
+# image stops with an error naming its file.
+dataloader.train.mapper._target_ = CheckedDatasetMapper
+dataloader.test.mapper._target_ = CheckedDatasetMapper
 
 image_size = 1024
 dataloader.train.mapper.augmentations = [
