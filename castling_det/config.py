@@ -1,5 +1,5 @@
 """Config keys of castling_det: ``add_castling_config(cfg)`` adds ``MODEL.CASTLING.*`` and
-``SOLVER.OPTIMIZER``, ``SOLVER.LR_DECAY_RATE`` and ``TEST.FLOPS_NUM_IMAGES``."""
+``SOLVER.OPTIMIZER``, ``SOLVER.LR_DECAY_RATE``, ``SOLVER.AMP.DTYPE`` and ``TEST.FLOPS_NUM_IMAGES``."""
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_castling_config"]
@@ -73,6 +73,8 @@ def add_castling_config(cfg: CN) -> CN:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Layer-wise learning-rate decay over the ViT blocks (1.0: none; ViTDet uses 0.7 for ViT-B).
     cfg.SOLVER.LR_DECAY_RATE = 1.0
+    # Autocast dtype of SOLVER.AMP training: "float16" (CUDA, grad scaling) or "bfloat16" (CPU too).
+    cfg.SOLVER.AMP.DTYPE = "float16"
     # Images whose GFLOPs the branch-switch evaluation averages (first of the first test set).
     cfg.TEST.FLOPS_NUM_IMAGES = 3
     return cfg

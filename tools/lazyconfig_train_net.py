@@ -13,7 +13,6 @@ Examples:
 """
 import itertools
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -24,6 +23,7 @@ from castling_det.analysis import count_gflops
 from castling_det.engine import (
     BranchRegularizer,
     BranchSchedule,
+    CastlingCheckpointer,
     SoftmaxBranchSwitch,
     evaluate_with_branch,
     format_switch_table,
@@ -70,7 +70,7 @@ def do_train(args, cfg):
     ddp_kwargs = {"device_ids": None} if cfg.train.device == "cpu" else {}
     model = create_ddp_model(model, **cfg.train.ddp, **ddp_kwargs)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = CastlingCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     switch = SoftmaxBranchSwitch(
         model=bare_model,
         eval_period=cfg.train.eval_period,
@@ -108,7 +108,7 @@ def main(args):
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        CastlingCheckpointer(model).load(cfg.train.init_checkpoint)
         states = ("on", "off") if args.softmax_branch == "both" else (args.softmax_branch,)
         records = evaluate_with_branch(
             model, states, lambda: do_test(cfg, model), lambda m: test_gflops(cfg, m)

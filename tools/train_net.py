@@ -15,13 +15,13 @@ Examples:
         --register-voc bccd_train ../shared/datasets/bccd train RBC,WBC,Platelets
 """
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 
 from castling_det import add_castling_config
 from castling_det.engine import (
+    CastlingCheckpointer,
     CastlingTrainer,
     count_test_gflops,
     evaluate_with_branch,
@@ -54,7 +54,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = CastlingTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        CastlingCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         states = ("on", "off") if args.softmax_branch == "both" else (args.softmax_branch,)

@@ -1,16 +1,21 @@
 """Training: the trainer, its optimizer, and the hooks that retire and switch the softmax branch."""
 from .branch_schedule import BranchRegularizer, BranchSchedule
 from .branch_switch import SoftmaxBranchSwitch, evaluate_with_branch, format_switch_table
+from .checkpoint import CastlingCheckpointer
 from .optimizer import build_optimizer
+from .train_loop import AutocastTrainer, build_train_loop
 from .trainer import CastlingTrainer, build_checked_test_loader, count_test_gflops, unwrap_model
 
 __all__ = [
     "BranchRegularizer",
+    "AutocastTrainer",
     "BranchSchedule",
+    "CastlingCheckpointer",
     "CastlingTrainer",
     "SoftmaxBranchSwitch",
     "build_checked_test_loader",
     "build_optimizer",
+    "build_train_loop",
     "count_test_gflops",
     "evaluate_with_branch",
     "format_switch_table",

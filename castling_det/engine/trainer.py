@@ -3,9 +3,8 @@ import itertools
 import os
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -15,7 +14,9 @@ from ..analysis import count_gflops
 from ..data import CheckedDatasetMapper
 from .branch_schedule import BranchRegularizer, BranchSchedule
 from .branch_switch import SoftmaxBranchSwitch
+from .checkpoint import CastlingCheckpointer
 from .optimizer import build_optimizer
+from .train_loop import build_train_loop
 
 __all__ = ["CastlingTrainer", "build_checked_test_loader", "count_test_gflops", "unwrap_model"]
 
@@ -52,7 +53,10 @@ class CastlingTrainer(DefaultTrainer):
     - adds :class:`BranchRegularizer`, which retires the softmax branch over training;
     - evaluates through :class:`SoftmaxBranchSwitch` (branch on and off, with GFLOPs) in place of
       Detectron2's ``EvalHook``; the model is left with the branch off after training;
-    - trains in several CPU processes (Gloo) too.
+    - trains in several CPU processes (Gloo) too;
+    - stops at the first non-finite loss term, naming it, and trains under bfloat16 autocast on
+      the CPU too (``SOLVER.AMP.DTYPE``; :func:`build_train_loop`);
+    - loads checkpoints with ``weights_only=True`` (:class:`CastlingCheckpointer`).
     """
 
     def __init__(self, cfg):
@@ -66,10 +70,9 @@ class CastlingTrainer(DefaultTrainer):
         on_cpu = next(model.parameters()).device.type == "cpu"
         ddp_kwargs = {"device_ids": None} if on_cpu else {}
         model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
-        trainer_class = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = trainer_class(model, data_loader, optimizer)
+        self._trainer = build_train_loop(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = CastlingCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
