@@ -101,3 +101,26 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
     targets = {r["target"]: r for r in _read(tmp_path / "targets.csv")}
     assert targets["fp16 finite at N=1024"]["met"] == "True"
     assert "target" in result.stdout and "measured" in result.stdout
+
+
+def _run_tool(*args):
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_profile_attention_compares_each_path_with_the_matmuls():
+    out = _run_tool("tools/profile_attention.py", "--tokens", "64", "--dim", "32", "--heads", "2",
+                    "--path", "eager", "sdpa", "--repeats", "2", "--rows", "3")
+    headers = [line for line in out.splitlines() if line.startswith("== ")]
+    assert [h.split(":")[0] for h in headers] == ["== two matmuls", "== eager", "== sdpa"]
+    assert "(1.00x the two matmuls)" in headers[0] and "aten::bmm" in out
+
+
+def test_profile_vit_lists_operators_at_both_sizes():
+    out = _run_tool("tools/profile_vit.py", "--sizes", "32", "64", "--rows", "5", "--config-file",
+                    "configs/COCO-InstanceSegmentation/mask_rcnn_castling_vit_ti_fpn_3x.yaml")
+    lines = out.splitlines()
+    assert "linear in tokens would be x4.0" in lines[0]
+    rows = lines[2:]
+    assert len(rows) == 5 and any(row.startswith("aten::addmm") for row in rows)
