@@ -3,6 +3,7 @@ from .branch_schedule import BranchRegularizer, BranchSchedule
 from .branch_switch import SoftmaxBranchSwitch, evaluate_with_branch, format_switch_table
 from .checkpoint import CastlingCheckpointer
 from .optimizer import build_optimizer
+from .reproducibility import IterationSeeding, MetricHistoryCheckpoint, training_seed
 from .train_loop import AutocastTrainer, build_train_loop
 from .trainer import CastlingTrainer, build_checked_test_loader, count_test_gflops, unwrap_model
 
@@ -12,6 +13,8 @@ __all__ = [
     "BranchSchedule",
     "CastlingCheckpointer",
     "CastlingTrainer",
+    "IterationSeeding",
+    "MetricHistoryCheckpoint",
     "SoftmaxBranchSwitch",
     "build_checked_test_loader",
     "build_optimizer",
@@ -19,5 +22,6 @@ __all__ = [
     "count_test_gflops",
     "evaluate_with_branch",
     "format_switch_table",
+    "training_seed",
     "unwrap_model",
 ]

@@ -1,5 +1,7 @@
-"""Checkpoint loading of castling_det: tensors only, and a readable report of what did not fit."""
+"""Checkpoints of castling_det: loaded as tensors only, with a readable report of what did not fit,
+and written atomically."""
 import logging
+import os
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -9,15 +11,64 @@ __all__ = ["CastlingCheckpointer"]
 logger = logging.getLogger(__name__)
 
 
+class _AtomicFile:
+    """A file written at a temporary name beside ``path`` and renamed onto ``path`` once closed
+    without error (deleted otherwise): readers find the old file or the whole new one."""
+
+    def __init__(self, path: str, mode: str):
+        self.path = path
+        self.temporary_path = f"{path}.tmp-{os.getpid()}"
+        self.file = open(self.temporary_path, mode)
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, exc_type, exc, traceback):
+        try:
+            if exc_type is None:
+                self.file.flush()
+                os.fsync(self.file.fileno())  # on disk before the rename makes it visible
+        finally:
+            self.file.close()
+            if exc_type is None:
+                os.replace(self.temporary_path, self.path)
+            else:
+                os.remove(self.temporary_path)
+        return False
+
+
+class _AtomicLocalWrites:
+    """A path manager whose writes of local files go through :class:`_AtomicFile`; everything else
+    is left to the wrapped one (fvcore writes checkpoints and ``last_checkpoint`` through ``open``)."""
+
+    def __init__(self, path_manager):
+        self._path_manager = path_manager
+
+    def open(self, path: str, mode: str = "r", **kwargs):
+        if "w" in mode and "://" not in path:
+            return _AtomicFile(path, mode)
+        return self._path_manager.open(path, mode, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._path_manager, name)
+
+
 class CastlingCheckpointer(DetectionCheckpointer):
-    """Detectron2's ``DetectionCheckpointer`` that unpickles with ``weights_only=True`` and sums up
-    the keys that did not load.
+    """Detectron2's ``DetectionCheckpointer`` that unpickles with ``weights_only=True``, sums up
+    the keys that did not load, and writes atomically.
 
     ``torch.load(weights_only=True)`` rebuilds tensors, containers and numbers only, so a
     checkpoint cannot run code when it is read (fvcore calls ``torch.load`` without it).
     Weights of another architecture load as far as they fit; fvcore logs each missing,
     unexpected and wrongly shaped key, and one line here says how much of the model was loaded.
+
+    A checkpoint and the ``last_checkpoint`` tag are each written to a temporary file and renamed
+    into place, so a job killed while saving leaves the previous checkpoint loadable and tagged.
     """
+
+    def __init__(self, model, save_dir="", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.path_manager = _AtomicLocalWrites(self.path_manager)
 
     def _torch_load(self, f):
         return torch.load(f, map_location=torch.device("cpu"), weights_only=True)

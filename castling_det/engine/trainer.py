@@ -1,5 +1,6 @@
 """The trainer of castling_det: Detectron2's DefaultTrainer with the softmax-branch machinery."""
 import itertools
+import logging
 import os
 import weakref
 
@@ -11,14 +12,17 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import count_gflops
-from ..data import CheckedDatasetMapper
+from ..data import CheckedDatasetMapper, build_resumable_train_loader
 from .branch_schedule import BranchRegularizer, BranchSchedule
 from .branch_switch import SoftmaxBranchSwitch
 from .checkpoint import CastlingCheckpointer
 from .optimizer import build_optimizer
+from .reproducibility import IterationSeeding, MetricHistoryCheckpoint, training_seed
 from .train_loop import build_train_loop
 
 __all__ = ["CastlingTrainer", "build_checked_test_loader", "count_test_gflops", "unwrap_model"]
+
+logger = logging.getLogger(__name__)
 
 
 def unwrap_model(model):
@@ -56,7 +60,12 @@ class CastlingTrainer(DefaultTrainer):
     - trains in several CPU processes (Gloo) too;
     - stops at the first non-finite loss term, naming it, and trains under bfloat16 autocast on
       the CPU too (``SOLVER.AMP.DTYPE``; :func:`build_train_loop`);
-    - loads checkpoints with ``weights_only=True`` (:class:`CastlingCheckpointer`).
+    - loads checkpoints with ``weights_only=True`` and writes them atomically
+      (:class:`CastlingCheckpointer`);
+    - resumes exactly: batch ``i`` depends only on (seed, ``i``) (:class:`ResumableTrainLoader`),
+      the RNGs are reseeded every iteration (:class:`IterationSeeding`) and checkpoints keep the
+      recent metric values (:class:`MetricHistoryCheckpoint`), so a run killed and resumed ends
+      with the weights and metrics of an uninterrupted one.
     """
 
     def __init__(self, cfg):
@@ -66,7 +75,8 @@ class CastlingTrainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        self.seed = training_seed(cfg)
+        data_loader = self.build_train_loader(cfg, seed=self.seed)
         on_cpu = next(model.parameters()).device.type == "cpu"
         ddp_kwargs = {"device_ids": None} if on_cpu else {}
         model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
@@ -79,9 +89,18 @@ class CastlingTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
-    def build_train_loader(cls, cfg):
+    def build_train_loader(cls, cfg, seed=None):
+        """A :class:`ResumableTrainLoader` with batches planned from ``seed`` (default: from
+        ``cfg.SEED``); Detectron2's loader for samplers other than ``TrainingSampler``."""
         mapper = CheckedDatasetMapper(cfg, is_train=True, dataset_names=cfg.DATASETS.TRAIN)
-        return build_detection_train_loader(cfg, mapper=mapper)
+        if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+            logger.warning(
+                "DATALOADER.SAMPLER_TRAIN=%s: using Detectron2's loader, whose position is not "
+                "checkpointed, so a resumed run will see other batches than an uninterrupted one",
+                cfg.DATALOADER.SAMPLER_TRAIN,
+            )
+            return build_detection_train_loader(cfg, mapper=mapper)
+        return build_resumable_train_loader(cfg, mapper, training_seed(cfg) if seed is None else seed)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -108,8 +127,13 @@ class CastlingTrainer(DefaultTrainer):
             output_dir=self.cfg.OUTPUT_DIR,
         )
         built[eval_at] = self.branch_switch
-        # Right after the IterationTimer, so the schedule is set before anything else runs.
-        built.insert(1, BranchRegularizer(model, BranchSchedule.from_config(self.cfg)))
+        # Right after the IterationTimer, so the RNGs and the schedule are set before anything
+        # else runs.
+        built[1:1] = [
+            IterationSeeding(self.seed, self.data_loader),
+            BranchRegularizer(model, BranchSchedule.from_config(self.cfg)),
+            MetricHistoryCheckpoint(),
+        ]
         return built
 
     def train(self):
