@@ -225,7 +225,8 @@ def compare_on_images(
     comparisons = []
     with torch.no_grad():
         for image in images:
-            eager = adapter.outputs_schema(adapter(image))[0]["instances"]
+            eager_outputs = adapter(image)  # sets adapter.outputs_schema on a first call
+            eager = adapter.outputs_schema(eager_outputs)[0]["instances"]
             outputs = adapter.outputs_schema(tuple(exported(image)))[0]["instances"]
             comparisons.append(compare_instances(eager, outputs))
     return comparisons

@@ -41,6 +41,9 @@ TRACE_IMAGE = _image(128, 160, seed=1)
 OTHER_IMAGE = _image(96, 200, seed=2)
 
 
+KINDS = ["faster_rcnn", "mask_rcnn", "cascade_mask_rcnn", "retinanet"]
+
+
 def _detector_cfg(make_detector_cfg, kind):
     """A tiny detector whose every candidate box is kept: score threshold 0 and room for all
     (20 proposals x 3 classes), so no near-tied score decides what is cut; and a branch threshold
@@ -48,7 +51,10 @@ def _detector_cfg(make_detector_cfg, kind):
     if kind == "retinanet":
         cfg = make_detector_cfg("RetinaNet")
     else:
-        cfg = make_detector_cfg("GeneralizedRCNN", mask_on=kind == "mask_rcnn")
+        cfg = make_detector_cfg("GeneralizedRCNN", mask_on=kind.endswith("mask_rcnn"))
+    if kind == "cascade_mask_rcnn":
+        cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
+        cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
     cfg.TEST.DETECTIONS_PER_IMAGE = 100
     cfg.MODEL.CASTLING.BRANCH.THRESHOLD = 0.0
     return cfg
@@ -65,15 +71,17 @@ def _assert_matches(comparisons):
         assert c.matches(BOX_TOL), c
 
 
-@pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn", "retinanet"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_torchscript_matches_eager_at_the_traced_and_another_size(make_detector_cfg, tmp_path, kind):
-    adapter = build_tracing_adapter(_deployed(make_detector_cfg, kind), TRACE_IMAGE)
-    export_torchscript(adapter, TRACE_IMAGE, str(tmp_path / "model.ts"))
-    exported = load_exported(str(tmp_path / "model.ts"))  # from the file, not the traced object
-    _assert_matches(compare_on_images(adapter, exported, [TRACE_IMAGE, OTHER_IMAGE]))
+    model = _deployed(make_detector_cfg, kind)
+    export_torchscript(build_tracing_adapter(model, TRACE_IMAGE), TRACE_IMAGE, str(tmp_path / "model.ts"))
+    # From the file, not the traced object, against a fresh adapter, as in another process.
+    exported = load_exported(str(tmp_path / "model.ts"))
+    fresh_adapter = build_tracing_adapter(model, TRACE_IMAGE)
+    _assert_matches(compare_on_images(fresh_adapter, exported, [TRACE_IMAGE, OTHER_IMAGE]))
 
 
-@pytest.mark.parametrize("kind", ["faster_rcnn", "mask_rcnn", "retinanet"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_onnx_in_onnxruntime_matches_eager_at_the_traced_and_another_size(make_detector_cfg, tmp_path, kind):
     pytest.importorskip("onnxruntime")
     adapter = build_tracing_adapter(_deployed(make_detector_cfg, kind), TRACE_IMAGE)
