@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from detectron2.export import TracingAdapter
+from detectron2.export.flatten import DictSchema, InstancesSchema, ListSchema
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Instances
 from torch import nn
@@ -30,6 +31,7 @@ __all__ = [
     "export_torchscript",
     "fixed_input_grid_warning",
     "load_exported",
+    "output_names",
     "prepare_for_export",
 ]
 
@@ -123,20 +125,41 @@ def export_torchscript(adapter: TracingAdapter, image: torch.Tensor, path: str) 
     return traced
 
 
+def output_names(adapter: TracingAdapter, image: torch.Tensor) -> Optional[List[str]]:
+    """Names of the adapter's flat outputs for a detector that returns ``[{"instances": ...}]``:
+    the ``Instances`` fields in the adapter's (sorted) order, then ``image_size``; None for any
+    other output structure."""
+    with torch.no_grad():
+        adapter(image)  # sets adapter.outputs_schema
+    schema = adapter.outputs_schema
+    if not (isinstance(schema, ListSchema) and len(schema.schemas) == 1):
+        return None
+    per_image = schema.schemas[0]
+    if not (isinstance(per_image, DictSchema) and per_image.keys == ["instances"]):
+        return None
+    instances = per_image.schemas[0]
+    return [*instances.keys, "image_size"] if isinstance(instances, InstancesSchema) else None
+
+
 def export_onnx(adapter: TracingAdapter, image: torch.Tensor, path: str, opset: int = ONNX_OPSET) -> None:
     """Export ``adapter`` to ONNX at ``path`` with PyTorch's TorchScript-based exporter (``dynamo=False``:
-    the dynamo exporter needs ``onnxscript`` and cannot follow Detectron2's data-dependent shapes).
-    The image's height and width are dynamic axes of the graph."""
+    the dynamo exporter needs ``onnxscript``, which is not a requirement here). The input is named
+    ``image``, its height and width are dynamic axes, and the outputs are named as
+    :func:`output_names` says (e.g. ``pred_boxes``, ``pred_classes``, ``scores``, ``image_size``)."""
+    names = output_names(adapter, image)
     with torch.no_grad():
         torch.onnx.export(
-            adapter, (image,), path, dynamo=False, opset_version=opset,
-            input_names=["image"], dynamic_axes={"image": {1: "height", 2: "width"}},
+            adapter, (image,), path, dynamo=False, opset_version=opset, input_names=["image"],
+            output_names=names, dynamic_axes={"image": {1: "height", 2: "width"}},
         )
 
 
 def load_exported(path: str) -> Callable[[torch.Tensor], tuple]:
     """Load an exported model as a function ``image -> tuple of tensors``: a ``.ts`` file with
-    ``torch.jit.load``, a ``.onnx`` file in an onnxruntime CPU session."""
+    ``torch.jit.load``, a ``.onnx`` file in an onnxruntime CPU session.
+
+    A TorchScript model calls torchvision's ``nms`` and ``roi_align``: a process of its own that
+    loads it must ``import torchvision`` first (here Detectron2 has imported it)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no exported model at {path!r}")
     if path.endswith(".ts"):

@@ -83,11 +83,16 @@ def test_torchscript_matches_eager_at_the_traced_and_another_size(make_detector_
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_onnx_in_onnxruntime_matches_eager_at_the_traced_and_another_size(make_detector_cfg, tmp_path, kind):
-    pytest.importorskip("onnxruntime")
+    onnxruntime = pytest.importorskip("onnxruntime")
     adapter = build_tracing_adapter(_deployed(make_detector_cfg, kind), TRACE_IMAGE)
     export_onnx(adapter, TRACE_IMAGE, str(tmp_path / "model.onnx"))
     exported = load_exported(str(tmp_path / "model.onnx"))
     _assert_matches(compare_on_images(adapter, exported, [TRACE_IMAGE, OTHER_IMAGE]))
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    masks = ["pred_masks"] if kind.endswith("mask_rcnn") else []
+    assert [o.name for o in session.get_outputs()] == [
+        "pred_boxes", "pred_classes", *masks, "scores", "image_size"
+    ]
 
 
 def test_the_exported_model_has_the_branch_off(make_detector_cfg, tmp_path):

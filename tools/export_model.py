@@ -4,10 +4,11 @@ ONNX, like Detectron2's tools/deploy/export_model.py (tracing through its Tracin
 
 The model is traced on the CPU, in fp32, on the first sample image: the first images of the
 config's first test set, or the ``--sample-image`` files, read and resized as the test loader does.
-It writes ``model.ts`` (``torch.jit.load``) and ``model.onnx`` (onnxruntime) to ``--output``; both
-take one ``(3, H, W)`` image in ``INPUT.FORMAT`` and return the detections' tensors before
-Detectron2's ``detector_postprocess``. ``--verify`` runs each exported model on every sample image
-and compares its detections with the eager model's (exit status 1 if they differ).
+It writes ``model.ts`` (``torch.jit.load``, after ``import torchvision``, whose ops it calls) and
+``model.onnx`` (onnxruntime) to ``--output``; both take one ``(3, H, W)`` image in ``INPUT.FORMAT``
+and return the detections' tensors before Detectron2's ``detector_postprocess``. ``--verify`` runs
+each exported model on every sample image and compares its detections with the eager model's
+(exit status 1 if they differ).
 
 Examples:
     python tools/export_model.py --config-file output/run/config.yaml --output /tmp/export \\
