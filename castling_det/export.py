@@ -22,6 +22,7 @@ from torch import nn
 from .modeling import CastlingViT, branch_modules, set_softmax_branch
 
 __all__ = [
+    "EXPORT_FILE_NAMES",
     "EXPORT_FORMATS",
     "ExportComparison",
     "build_tracing_adapter",
