@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Export a trained Castling-ViT detector, softmax branch off (as deployed), to TorchScript and/or
-ONNX, like Detectron2's tools/deploy/export_model.py (tracing through its TracingAdapter).
+"""Export a trained Castling-ViT detector (softmax branch off) to TorchScript and/or ONNX.
+
+Like Detectron2's tools/deploy/export_model.py, it traces the detector through Detectron2's
+TracingAdapter, with the softmax branch off, as deployed.
 
 The model is traced on the CPU, in fp32, on the first sample image: the first images of the
 config's first test set, or the ``--sample-image`` files, read and resized as the test loader does.

@@ -33,7 +33,7 @@ def add_dataset_arguments(parser) -> None:
     parser.add_argument(
         "--register-coco", nargs=3, action="append", default=[],
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format data set under NAME before training (repeatable)",
+        help="register a COCO-format data set under NAME (repeatable)",
     )
     parser.add_argument(
         "--register-voc", nargs=4, action="append", default=[],
