@@ -1,32 +1,45 @@
-"""Command-line plumbing shared by tools/train_net.py and tools/lazyconfig_train_net.py."""
+"""Command-line plumbing shared by tools/train_net.py, tools/lazyconfig_train_net.py and
+tools/export_model.py."""
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import register_coco_dataset, register_voc_dataset
 
-__all__ = ["argument_parser", "launch_from_args", "register_datasets", "setup_castling_logger"]
+__all__ = [
+    "add_dataset_arguments",
+    "argument_parser",
+    "launch_from_args",
+    "register_datasets",
+    "setup_castling_logger",
+]
 
 
 def argument_parser(epilog=None):
     """Detectron2's ``default_argument_parser`` plus ``--register-coco``, ``--register-voc`` and
     ``--softmax-branch``."""
     parser = default_argument_parser(epilog)
+    add_dataset_arguments(parser)
+    parser.add_argument(
+        "--softmax-branch", choices=("on", "off", "both"), default="off",
+        help="with --eval-only: evaluate with the branch on, off (as deployed; default) or both",
+    )
+    return parser
+
+
+def add_dataset_arguments(parser) -> None:
+    """Add ``--register-coco`` and ``--register-voc`` (read by :func:`register_datasets`) to an
+    ``argparse`` parser."""
     parser.add_argument(
         "--register-coco", nargs=3, action="append", default=[],
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format data set under NAME before training (repeatable)",
+        help="register a COCO-format data set under NAME (repeatable)",
     )
     parser.add_argument(
         "--register-voc", nargs=4, action="append", default=[],
         metavar=("NAME", "VOC_ROOT", "SPLIT", "CLASSES"),
         help="register a Pascal VOC split (comma-separated class names) under NAME (repeatable)",
     )
-    parser.add_argument(
-        "--softmax-branch", choices=("on", "off", "both"), default="off",
-        help="with --eval-only: evaluate with the branch on, off (as deployed; default) or both",
-    )
-    return parser
 
 
 def register_datasets(args) -> None:
