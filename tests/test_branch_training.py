@@ -1,5 +1,6 @@
 """Training that retires the softmax branch, the switch hook, and tools/train_net.py end to end."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from castling_det.data import make_shapes_dataset, register_voc_dataset
 from castling_det.engine import BranchRegularizer, BranchSchedule
@@ -160,6 +162,21 @@ def test_training_retires_the_branch_by_its_end_iteration(tiny_run):
     # The kept mass was last logged at iteration 2: from 3 on the branch is not computed.
     logged_at = [r["iteration"] for r in metrics if "branch/mass/block0" in r]
     assert logged_at and max(logged_at) == 2
+
+
+def test_training_logs_to_tensorboard_and_prints_an_eta_line(tiny_run):
+    # Detectron2's writers, as DefaultTrainer.build_writers makes them: TensorBoard events with the
+    # losses, the branch statistics and the switch hook's AP; CommonMetricPrinter's progress line.
+    tags = set()
+    for events in tiny_run.output_dir.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    for tag in ("total_loss", "loss_cls", "loss_mask", "loss_branch_l1", "branch/scale",
+                "branch/mass/block0", "branch/share/block1", "branch_on/bbox/AP", "branch_off/segm/AP"):
+        assert tag in tags, tag
+    log = (tiny_run.output_dir / "log.txt").read_text()
+    assert re.search(r"eta: \d+:\d\d:\d\d +iter: 5 +total_loss: ", log), log[-2000:]
 
 
 def test_eval_only_defaults_to_the_branch_off(tiny_run, shapes):

@@ -44,6 +44,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from castling_det import add_castling_config, set_softmax_branch  # noqa: E402
 from castling_det.analysis import ATTENTION_FLOP_HANDLES, count_gflops  # noqa: E402
@@ -156,11 +157,14 @@ def vit_gmacs(vit: nn.Module, image: torch.Tensor) -> Dict[str, float]:
 
 def bench_backbones(models, args, device, max_sizes) -> List[dict]:
     rows = []
+    # A progress bar over (variant, size); tqdm.write prints the rows above it.
+    progress = tqdm(total=len(models) * len(args.sizes), desc="backbone", unit="size")
     for name, model in models.items():
         vit = model.backbone.net
         for size in args.sizes:
             if size > int(max_sizes.get(name, size)):
-                print(f"backbone {name} {size}: skipped (--max-size)")
+                tqdm.write(f"backbone {name} {size}: skipped (--max-size)")
+                progress.update()
                 continue
             image = torch.randn(1, 3, size, size, device=device)
             with torch.inference_mode():
@@ -171,8 +175,10 @@ def bench_backbones(models, args, device, max_sizes) -> List[dict]:
                         vit(image)
                 row = {"variant": name, "dtype": dtype_name, "size": size,
                        "tokens": (size // vit.patch_size) ** 2, **timed(run, device, args), **flops}
-                print("backbone", row)
+                tqdm.write(f"backbone {row}")
                 rows.append(row)
+            progress.update()
+    progress.close()
     return rows
 
 
@@ -180,6 +186,7 @@ def bench_detectors(models, args, device) -> List[dict]:
     """The whole detector, and where its time goes: the ViT, the ViT with its feature pyramid,
     and (the rest) the RPN, ROI heads and post-processing."""
     rows = []
+    progress = tqdm(total=len(models) * len(args.detector_sizes), desc="detector", unit="size")
     for name, model in models.items():
         for size in args.detector_sizes:
             image = torch.randint(0, 256, (3, size, size), device=device).float()
@@ -199,8 +206,10 @@ def bench_detectors(models, args, device) -> List[dict]:
                     row[stage] = median_latency_ms(
                         run(module, normalized), device, warmup=args.warmup, repeats=args.repeats
                     )
-                print("detector", row)
+                tqdm.write(f"detector {row}")
                 rows.append(row)
+            progress.update()
+    progress.close()
     return rows
 
 
