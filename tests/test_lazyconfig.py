@@ -52,7 +52,8 @@ def test_lazyconfig_train_net_runs_on_shapes(tmp_path):
         "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0", "model.roi_heads.num_classes=3",
         "model.backbone.net.depth=2", "model.backbone.net.embed_dim=192", "model.backbone.net.num_heads=3",
-        "train.device=cpu", "train.amp.enabled=False", "train.max_iter=3", "train.eval_period=0",
+        "train.device=cpu", "train.amp.enabled=True", "train.amp.dtype=bfloat16",  # bf16 autocast on the CPU
+        "train.max_iter=3", "train.eval_period=0",
         "lr_multiplier.scheduler.milestones=[1,2]", "train.flops_num_images=1",
         f"train.output_dir={tmp_path / 'out'}",
     ]

@@ -14,7 +14,7 @@ Examples:
 import itertools
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_setup, default_writers, hooks
+from detectron2.engine import default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -24,11 +24,15 @@ from castling_det.engine import (
     BranchRegularizer,
     BranchSchedule,
     CastlingCheckpointer,
+    IterationSeeding,
+    MetricHistoryCheckpoint,
     SoftmaxBranchSwitch,
     evaluate_with_branch,
     format_switch_table,
+    training_seed,
     unwrap_model,
 )
+from castling_det.engine.train_loop import make_train_loop
 from castling_det.engine.cli import (
     argument_parser,
     launch_from_args,
@@ -57,6 +61,12 @@ def test_gflops(cfg, model):
     return count_gflops(unwrap_model(model), inputs, modules=("backbone", "backbone.net"))
 
 
+def _config_seed(cfg) -> int:
+    """``train.seed``; -1 (a random seed) when it is unset or None."""
+    seed = cfg.train.get("seed")
+    return -1 if seed is None else seed
+
+
 def do_train(args, cfg):
     """Build model, optimizer and data, then train with the branch schedule and switch hooks."""
     model = instantiate(cfg.model)
@@ -69,7 +79,12 @@ def do_train(args, cfg):
     # PyTorch rejects device_ids for a model on the CPU (multi-process Gloo training).
     ddp_kwargs = {"device_ids": None} if cfg.train.device == "cpu" else {}
     model = create_ddp_model(model, **cfg.train.ddp, **ddp_kwargs)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    # train.amp.dtype (castling_det's key): "float16" (CUDA, Detectron2's AMPTrainer) or "bfloat16"
+    # (any device).
+    amp_dtype = cfg.train.amp.get("dtype", "float16") if cfg.train.amp.enabled else None
+    trainer = make_train_loop(
+        model, train_loader, optimizer, amp_dtype=amp_dtype, dtype_key="train.amp.dtype"
+    )
     checkpointer = CastlingCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     switch = SoftmaxBranchSwitch(
         model=bare_model,
@@ -82,7 +97,11 @@ def do_train(args, cfg):
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
+            # The model's randomness and logged metrics resume exactly; the LazyConfig's loader
+            # (Detectron2's) restarts its sampler.
+            IterationSeeding(training_seed(_config_seed(cfg)), train_loader),
             BranchRegularizer(bare_model, BranchSchedule(max_iter=cfg.train.max_iter, **cfg.train.branch)),
+            MetricHistoryCheckpoint(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if comm.is_main_process()

@@ -23,9 +23,9 @@ __all__ = ["IterationSeeding", "MetricHistoryCheckpoint", "training_seed"]
 logger = logging.getLogger(__name__)
 
 
-def training_seed(cfg) -> int:
-    """``cfg.SEED``, or (when negative) a random seed shared by all processes."""
-    return cfg.SEED if cfg.SEED >= 0 else int(comm.shared_random_seed())
+def training_seed(seed: int) -> int:
+    """``seed`` (the config's ``SEED``), or when it is negative a random seed shared by all processes."""
+    return seed if seed >= 0 else int(comm.shared_random_seed())
 
 
 class IterationSeeding(HookBase):

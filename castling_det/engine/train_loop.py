@@ -6,7 +6,9 @@ import time
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["AutocastTrainer", "CheckedAMPTrainer", "CheckedSimpleTrainer", "build_train_loop"]
+__all__ = [
+    "AutocastTrainer", "CheckedAMPTrainer", "CheckedSimpleTrainer", "build_train_loop", "make_train_loop",
+]
 
 AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,22 +77,27 @@ class AutocastTrainer(_NamesNonFiniteLosses, SimpleTrainer):
 
 
 def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
-    """The training loop ``cfg.SOLVER.AMP`` asks for.
+    """The training loop ``cfg.SOLVER.AMP`` asks for (see :func:`make_train_loop`)."""
+    amp_dtype = cfg.SOLVER.AMP.DTYPE if cfg.SOLVER.AMP.ENABLED else None
+    return make_train_loop(model, data_loader, optimizer, amp_dtype=amp_dtype, dtype_key="SOLVER.AMP.DTYPE")
 
-    AMP off: :class:`CheckedSimpleTrainer`. AMP on with ``SOLVER.AMP.DTYPE`` "float16":
-    :class:`CheckedAMPTrainer` (CUDA only, as float16 needs gradient scaling). "bfloat16":
-    :class:`AutocastTrainer` on the model's device.
+
+def make_train_loop(model, data_loader, optimizer, *, amp_dtype=None, dtype_key="amp dtype") -> SimpleTrainer:
+    """A training loop that names non-finite loss terms.
+
+    ``amp_dtype`` None: :class:`CheckedSimpleTrainer`. "float16": :class:`CheckedAMPTrainer`
+    (CUDA only, as float16 needs gradient scaling). "bfloat16": :class:`AutocastTrainer` on the
+    model's device. ``dtype_key`` names the setting in errors.
     """
-    if not cfg.SOLVER.AMP.ENABLED:
+    if amp_dtype is None:
         return CheckedSimpleTrainer(model, data_loader, optimizer)
-    dtype_name = cfg.SOLVER.AMP.DTYPE
-    if dtype_name not in AUTOCAST_DTYPES:
-        raise ValueError(f"SOLVER.AMP.DTYPE={dtype_name!r} must be one of {sorted(AUTOCAST_DTYPES)}")
+    if amp_dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"{dtype_key}={amp_dtype!r} must be one of {sorted(AUTOCAST_DTYPES)}")
     device_type = next(model.parameters()).device.type
-    if dtype_name == "float16":
+    if amp_dtype == "float16":
         if device_type != "cuda":
             raise ValueError(
-                f"SOLVER.AMP.DTYPE='float16' needs CUDA (gradient scaling); the model is on {device_type!r}: "
+                f"{dtype_key}='float16' needs CUDA (gradient scaling); the model is on {device_type!r}: "
                 "use 'bfloat16'"
             )
         return CheckedAMPTrainer(model, data_loader, optimizer, precision=torch.float16)

@@ -75,7 +75,7 @@ class CastlingTrainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        self.seed = training_seed(cfg)
+        self.seed = training_seed(cfg.SEED)
         data_loader = self.build_train_loader(cfg, seed=self.seed)
         on_cpu = next(model.parameters()).device.type == "cpu"
         ddp_kwargs = {"device_ids": None} if on_cpu else {}
@@ -100,7 +100,7 @@ class CastlingTrainer(DefaultTrainer):
                 cfg.DATALOADER.SAMPLER_TRAIN,
             )
             return build_detection_train_loader(cfg, mapper=mapper)
-        return build_resumable_train_loader(cfg, mapper, training_seed(cfg) if seed is None else seed)
+        return build_resumable_train_loader(cfg, mapper, training_seed(cfg.SEED) if seed is None else seed)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
