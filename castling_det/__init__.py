@@ -4,7 +4,7 @@
 ``build_castling_vit_fpn_backbone`` and ``build_retinanet_castling_vit_fpn_backbone``.
 """
 from . import modeling  # noqa: F401  (registers the backbones)
-from .config import add_castling_config
+from .config import add_castling_config, load_castling_config
 from .modeling import (
     CastlingFPN,
     CastlingViT,
@@ -26,6 +26,7 @@ __all__ = [
     "LinearAngularAttention",
     "SoftmaxAttention",
     "add_castling_config",
+    "load_castling_config",
     "build_castling_vit_backbone",
     "build_castling_vit_fpn_backbone",
     "build_retinanet_castling_vit_fpn_backbone",

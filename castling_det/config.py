@@ -1,8 +1,29 @@
 """Config keys of castling_det: ``add_castling_config(cfg)`` adds ``MODEL.CASTLING.*`` and
 ``SOLVER.OPTIMIZER``, ``SOLVER.LR_DECAY_RATE``, ``SOLVER.AMP.DTYPE`` and ``TEST.FLOPS_NUM_IMAGES``."""
-from detectron2.config import CfgNode as CN
+from typing import Optional, Sequence
 
-__all__ = ["add_castling_config"]
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_castling_config", "load_castling_config"]
+
+
+def load_castling_config(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None) -> CN:
+    """Detectron2's default config with castling_det's keys, merged with ``config_file`` and the
+    ``KEY VALUE`` overrides ``opts`` (not frozen).
+
+    ``device`` sets ``MODEL.DEVICE``; without it a CUDA device falls back to the CPU on a machine
+    without CUDA, so the COCO configs run anywhere.
+    """
+    cfg = add_castling_config(get_cfg())
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if device is not None:
+        cfg.MODEL.DEVICE = device
+    elif cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
 
 
 def add_castling_config(cfg: CN) -> CN:

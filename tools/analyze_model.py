@@ -15,13 +15,12 @@ import argparse
 import itertools
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis, activation_count_operators
 from fvcore.nn import flop_count_table, parameter_count_table
 
-from castling_det import add_castling_config, set_softmax_branch
+from castling_det import load_castling_config, set_softmax_branch
 from castling_det.analysis import ATTENTION_FLOP_HANDLES
 from castling_det.data import register_coco_dataset
 
@@ -66,10 +65,7 @@ def main() -> None:
 
     for name, json_file, image_root in args.register_coco:
         register_coco_dataset(name, json_file, image_root)
-    cfg = add_castling_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu" if not torch.cuda.is_available() else cfg.MODEL.DEVICE
+    cfg = load_castling_config(args.config_file, args.opts)
     model = build_model(cfg).eval()
     set_softmax_branch(model, args.softmax_branch == "on")
 

@@ -40,13 +40,12 @@ matplotlib.use("Agg")
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from castling_det import add_castling_config, set_softmax_branch  # noqa: E402
+from castling_det import load_castling_config, set_softmax_branch  # noqa: E402
 from castling_det.analysis import ATTENTION_FLOP_HANDLES, count_gflops  # noqa: E402
 from castling_det.analysis.timing import median_latency_ms, peak_memory_mib  # noqa: E402
 from castling_det.modeling.attention import (  # noqa: E402
@@ -105,10 +104,7 @@ def build_variant(config_file: str, opts: List[str], device: str) -> nn.Module:
     """The deployed detector of a config: eval mode, softmax branch off, random weights."""
     if not Path(config_file).is_file():
         raise SystemExit(f"config file not found: {config_file}")
-    cfg = add_castling_config(get_cfg())
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg.MODEL.DEVICE = device
+    cfg = load_castling_config(config_file, opts, device=device)
     # Every variant keeps its 100 top detections, so the heads do the same work in all of them.
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0

@@ -19,21 +19,15 @@ import os
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from castling_det import add_castling_config
+from castling_det import load_castling_config
 from castling_det.convert import SOURCE_FORMATS, convert_checkpoint
 
 
 def build_target(config_file: str, opts) -> torch.nn.Module:
     """The detector a config describes, built on the CPU (only its keys and shapes are used)."""
-    cfg = get_cfg()
-    add_castling_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg.MODEL.DEVICE = "cpu"
-    return build_model(cfg)
+    return build_model(load_castling_config(config_file, opts, device="cpu"))
 
 
 def main(argv=None) -> None:

@@ -15,12 +15,9 @@ import logging
 import re
 import sys
 
-import torch
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
-from castling_det import add_castling_config
-from castling_det.data import register_coco_dataset
+from castling_det import load_castling_config
 from castling_det.demo import (
     BranchPredictor,
     dataset_metadata,
@@ -31,6 +28,7 @@ from castling_det.demo import (
     run_on_video,
     video_output_path,
 )
+from castling_det.engine.cli import add_dataset_arguments, register_datasets
 
 logger = logging.getLogger("castling_det.demo")
 # A config override's key, as in "MODEL.WEIGHTS": upper-case words joined by dots.
@@ -53,10 +51,7 @@ def parse_args(argv=None):
                         help="draw instances scoring at least this (default 0.5)")
     parser.add_argument("--softmax-branch", choices=("on", "off"), default="off",
                         help="the auxiliary softmax branch: off as deployed (default), or on at scale 1")
-    parser.add_argument(
-        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format data set, for its class names (repeatable)",
-    )
+    add_dataset_arguments(parser)  # --register-coco / --register-voc, for the class names
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS FILE")
     args = parser.parse_args(argv)
     if args.input:
@@ -72,14 +67,9 @@ def parse_args(argv=None):
 def setup_cfg(args):
     """The frozen config: the file, the overrides, and the model's own score thresholds lowered
     to the confidence threshold so that no instance above it is lost."""
-    cfg = get_cfg()
-    add_castling_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_castling_config(args.config_file, args.opts)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
 
@@ -90,8 +80,7 @@ def main(argv=None) -> None:
     setup_logger(name="castling_det", abbrev_name="castling")
     setup_logger(name="fvcore")
     try:
-        for name, json_file, image_root in args.register_coco:
-            register_coco_dataset(name, json_file, image_root)
+        register_datasets(args)
         cfg = setup_cfg(args)
         # The inputs are checked before the model is built: a typo fails at once.
         if args.input:

@@ -23,11 +23,10 @@ import itertools
 import logging
 import os
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from castling_det import add_castling_config
+from castling_det import load_castling_config
 from castling_det.data.mapper import CheckedDatasetMapper
 from castling_det.engine import CastlingCheckpointer, build_checked_test_loader
 from castling_det.engine.cli import add_dataset_arguments, register_datasets, setup_castling_logger
@@ -77,10 +76,8 @@ def parse_args(argv=None):
 
 def load_config(args, parser):
     """The frozen config of the file and overrides, on the CPU, with its weights checked."""
-    cfg = add_castling_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"  # traced on the CPU; onnxruntime runs it there too
+    # Traced on the CPU; onnxruntime runs it there too.
+    cfg = load_castling_config(args.config_file, args.opts, device="cpu")
     cfg.freeze()
     weights = cfg.MODEL.WEIGHTS
     if not weights:

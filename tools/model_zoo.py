@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.config import LazyConfig, get_cfg, instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import CascadeROIHeads
@@ -31,7 +31,7 @@ from fvcore.nn import parameter_count
 from torch import nn
 from tqdm import tqdm
 
-from castling_det import add_castling_config, set_softmax_branch
+from castling_det import load_castling_config, set_softmax_branch
 from castling_det.analysis import count_gflops
 from castling_det.modeling.backbone import VIT_PRESETS
 
@@ -109,10 +109,7 @@ def build_from_config(config: str, opts: Sequence[str] = ()) -> Tuple[nn.Module,
         cfg = LazyConfig.apply_overrides(LazyConfig.load(str(path)), list(opts))
         model, size = instantiate(cfg.model), COCO_INPUT
     else:
-        cfg = add_castling_config(get_cfg())
-        cfg.merge_from_file(str(path))
-        cfg.merge_from_list(list(opts))
-        cfg.MODEL.DEVICE = "cpu"
+        cfg = load_castling_config(str(path), opts, device="cpu")
         model, size = build_model(cfg), counting_input_size(config, cfg)
     set_softmax_branch(model, False)
     keep_every_detection(model)

@@ -14,11 +14,10 @@ import argparse
 from contextlib import nullcontext
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from torch.profiler import profile
 
-from castling_det import add_castling_config, set_softmax_branch
+from castling_det import load_castling_config, set_softmax_branch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,10 +42,7 @@ def main() -> None:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args()
 
-    cfg = add_castling_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"
+    cfg = load_castling_config(args.config_file, args.opts, device="cpu")
     model = build_model(cfg).eval()
     set_softmax_branch(model, False)
     small, large = args.sizes

@@ -14,12 +14,10 @@ Examples:
     python tools/train_net.py --config-file CONFIG \\
         --register-voc bccd_train ../shared/datasets/bccd train RBC,WBC,Platelets
 """
-import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 
-from castling_det import add_castling_config
+from castling_det import load_castling_config
 from castling_det.engine import (
     CastlingCheckpointer,
     CastlingTrainer,
@@ -37,12 +35,7 @@ from castling_det.engine.cli import (
 
 def setup(args):
     """Build the frozen config from the file and command-line overrides."""
-    cfg = get_cfg()
-    add_castling_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_castling_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     setup_castling_logger(cfg.OUTPUT_DIR)

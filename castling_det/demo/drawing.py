@@ -24,6 +24,7 @@ def dataset_metadata(cfg) -> Metadata:
         DatasetCatalog.get(names[0])  # a COCO-json data set learns its class names when first loaded
     return MetadataCatalog.get(names[0])
 
+
 def draw_predictions(image_rgb: np.ndarray, predictions: dict, metadata: Metadata,
                      confidence_threshold: float) -> np.ndarray:
     """``image_rgb`` (HWC uint8) with the predicted instances whose score is at least
