@@ -63,6 +63,9 @@ def add_castling_config(cfg: CN) -> CN:
     c.CONV_KIND = "seq"
     # Its kernel size k (odd): 9 for "seq" as in the paper, 3 is usual for "grid".
     c.CONV_KERNEL_SIZE = 9
+    # Learn a per-head weight of the linear term q^(k^T v)/pi against the constant 0.5 v (from 1,
+    # the paper's value): a larger weight sharpens the near-uniform angular attention.
+    c.LEARN_LINEAR_WEIGHT = False
     # With the branch off (deployed) and fp32/bf16 inputs, run the attention through
     # torch.compile's fused kernels (needs a C++ compiler on CPU). False: the eager reference.
     c.COMPILE_TAIL = False
@@ -77,11 +80,22 @@ def add_castling_config(cfg: CN) -> CN:
     c.BRANCH = CN()
     # Whether the branch is on when the model is built.
     c.BRANCH.ENABLED = True
-    # Softmax weights at or below this are masked out of the branch.
+    # Which softmax weights the branch keeps: "absolute" (the paper's: above THRESHOLD),
+    # "relative" (at least RELATIVE_THRESHOLD / N for N tokens: the same meaning at any N) or
+    # "topk" (the TOPK largest of each query's row).
+    c.BRANCH.MASK = "absolute"
+    # Threshold of the "absolute" mask, a softmax weight. The paper's 0.02 keeps nothing of a
+    # fresh model's near-uniform softmax (about 1/N per weight) once N > 50.
     c.BRANCH.THRESHOLD = 0.02
+    # Threshold of the "relative" mask, in units of the uniform weight 1/N.
+    c.BRANCH.RELATIVE_THRESHOLD = 1.0
+    # Weights kept per query by the "topk" mask.
+    c.BRANCH.TOPK = 32
     # Queries per chunk when computing the branch (exact; bounds its memory); 0: all at once.
     c.BRANCH.CHUNK_SIZE = 512
-    # Final weight of the L1 penalty on the softmax mass the mask keeps (loss_branch_l1).
+    # Final weight of the L1 penalty on the softmax mass the mask keeps (loss_branch_l1). Meant
+    # for the "absolute" mask, which it empties; the others keep mass at any softmax, so with
+    # them the penalty only flattens the softmax: set it to 0 and let ANNEAL_* retire the branch.
     c.BRANCH.L1_WEIGHT = 1.0
     # Fraction of training over which that weight ramps up linearly from 0.
     c.BRANCH.L1_RAMP_END = 0.5
@@ -89,6 +103,16 @@ def add_castling_config(cfg: CN) -> CN:
     # where it reaches exactly 0; from then on the branch is not computed at all.
     c.BRANCH.ANNEAL_START = 0.5
     c.BRANCH.ANNEAL_END = 0.8
+
+    # Attention transfer, for "switching" a trained softmax model to Castling-ViT: with
+    # MODEL.WEIGHTS a softmax twin's checkpoint (same ViT, ATTN_KINDS "softmax"), each castling
+    # block's attention is trained to give what that checkpoint's frozen softmax attention gives
+    # on the same input (castling_det/engine/attention_transfer.py explains the loss).
+    c.TRANSFER = CN()
+    # Weight of loss_attn_transfer; 0 turns attention transfer off.
+    c.TRANSFER.LOSS_WEIGHT = 0.0
+    # Fraction of training during which the loss applies (then the detector is fine-tuned alone).
+    c.TRANSFER.END = 0.25
 
     # Optimizer: "SGD" or "ADAMW"; both read the other SOLVER.* keys.
     cfg.SOLVER.OPTIMIZER = "ADAMW"

@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from detectron2.config import get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
@@ -129,3 +131,33 @@ def detection_batch(mask_kind=None):
              "image_id": index}
         )
     return inputs
+
+
+class _OutputSizeRecorder(TorchDispatchMode):
+    """Records the largest tensor produced by any ATen op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+        self.max_shape = None
+        self.num_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.num_ops += 1
+        for leaf in tree_leaves(result):
+            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.max_numel:
+                self.max_numel = leaf.numel()
+                self.max_shape = tuple(leaf.shape)
+        return result
+
+
+def largest_output(module, x):
+    """(numel, shape) of the largest tensor any op makes in ``module(x)`` without gradients."""
+    recorder = _OutputSizeRecorder()
+    with torch.no_grad(), recorder:
+        out = module(x)
+    assert recorder.num_ops > 10  # the mode really saw the forward
+    for leaf in tree_leaves(out):
+        assert torch.isfinite(leaf).all()
+    return recorder.max_numel, recorder.max_shape

@@ -15,10 +15,9 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from castling_det import LinearAngularAttention
+from conftest import largest_output
 from castling_det.modeling.attention import (
     deployed_linear_angular_attention,
     masked_softmax_attention,
@@ -472,34 +471,6 @@ def test_checkpointed_chunks_give_the_unchunked_gradients():
 # --------------------------------------------------------------------------------------------
 # No N x N tensor with the branch off
 # --------------------------------------------------------------------------------------------
-class _OutputSizeRecorder(TorchDispatchMode):
-    """Records the largest tensor produced by any ATen op run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.max_numel = 0
-        self.max_shape = None
-        self.num_ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        self.num_ops += 1
-        for leaf in tree_leaves(result):
-            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.max_numel:
-                self.max_numel = leaf.numel()
-                self.max_shape = tuple(leaf.shape)
-        return result
-
-
-def _largest_output(module, x):
-    recorder = _OutputSizeRecorder()
-    with torch.no_grad(), recorder:
-        out = module(x)
-    assert recorder.num_ops > 10  # the mode really saw the forward
-    assert torch.isfinite(out).all()
-    return recorder.max_numel, recorder.max_shape
-
-
 @pytest.mark.parametrize("conv_kind", ["seq", "grid"])
 def test_no_quadratic_tensor_with_branch_off(conv_kind):
     height = width = 64
@@ -510,12 +481,12 @@ def test_no_quadratic_tensor_with_branch_off(conv_kind):
         softmax_branch=False, branch_chunk_size=None,
     ).eval()
 
-    numel, shape = _largest_output(module, x)
+    numel, shape = largest_output(module, x)
     assert numel < num_tokens * num_tokens, f"branch off formed a tensor of shape {shape}"
 
     # positive control: the same module with the (unchunked) branch on does form N x N scores
     module.softmax_branch = True
-    numel_on, shape_on = _largest_output(module, x)
+    numel_on, shape_on = largest_output(module, x)
     assert numel_on >= num_tokens * num_tokens, shape_on
 
 
@@ -526,7 +497,7 @@ def test_chunked_branch_bounds_the_score_tensor():
     module = LinearAngularAttention(
         dim=64, num_heads=2, conv_kernel_size=3, softmax_branch=True, branch_chunk_size=512
     ).eval()
-    numel, shape = _largest_output(module, x)
+    numel, shape = largest_output(module, x)
     # at most chunk x N scores per head (1 image, 2 heads)
     assert numel <= 2 * 512 * num_tokens, shape
     assert numel < num_tokens * num_tokens

@@ -1,4 +1,6 @@
-"""Training: the trainer, its optimizer, and the hooks that retire and switch the softmax branch."""
+"""Training: the trainer, its optimizer, the hooks that retire and switch the softmax branch, and
+attention transfer from a softmax twin."""
+from .attention_transfer import AttentionTransfer, build_attention_transfer
 from .branch_schedule import BranchRegularizer, BranchSchedule
 from .branch_switch import SoftmaxBranchSwitch, evaluate_with_branch, format_switch_table
 from .checkpoint import CastlingCheckpointer
@@ -8,6 +10,7 @@ from .train_loop import AutocastTrainer, build_train_loop
 from .trainer import CastlingTrainer, build_checked_test_loader, count_test_gflops, unwrap_model
 
 __all__ = [
+    "AttentionTransfer",
     "BranchRegularizer",
     "AutocastTrainer",
     "BranchSchedule",
@@ -16,6 +19,7 @@ __all__ = [
     "IterationSeeding",
     "MetricHistoryCheckpoint",
     "SoftmaxBranchSwitch",
+    "build_attention_transfer",
     "build_checked_test_loader",
     "build_optimizer",
     "build_train_loop",

@@ -2,10 +2,10 @@
 
 Layer-wise learning-rate decay (``SOLVER.LR_DECAY_RATE``: block i of a depth-L ViT gets
 ``rate^(L - i)`` of the learning rate, the patch and position embeddings ``rate^(L + 1)``), no
-weight decay on norms (``SOLVER.WEIGHT_DECAY_NORM``), biases (``SOLVER.WEIGHT_DECAY_BIAS``) and the
-position embedding, and gradient clipping (``SOLVER.CLIP_GRADIENTS``), where ``CLIP_TYPE:
-"full_model"`` clips the norm of all gradients together, besides Detectron2's per-parameter
-``"value"`` and ``"norm"``.
+weight decay on norms (``SOLVER.WEIGHT_DECAY_NORM``), biases (``SOLVER.WEIGHT_DECAY_BIAS``), the
+position embedding and the learned linear-term weights of linear-angular attention, and gradient
+clipping (``SOLVER.CLIP_GRADIENTS``), where ``CLIP_TYPE: "full_model"`` clips the norm of all
+gradients together, besides Detectron2's per-parameter ``"value"`` and ``"norm"``.
 """
 from functools import partial
 
@@ -58,7 +58,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         lr_factor_func=_lr_factor_func(cfg, model),
-        overrides={"pos_embed": {"weight_decay": 0.0}},
+        # Decay would pull the learned linear-term weight towards 0 (attention towards 0.5·v).
+        overrides={"pos_embed": {"weight_decay": 0.0}, "linear_weight": {"weight_decay": 0.0}},
     )
     if name == "SGD":
         optimizer = torch.optim.SGD(

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..analysis import count_gflops
 from ..data import CheckedDatasetMapper, build_resumable_train_loader
+from .attention_transfer import build_attention_transfer, zero_missing_convolutions
 from .branch_schedule import BranchRegularizer, BranchSchedule
 from .branch_switch import SoftmaxBranchSwitch
 from .checkpoint import CastlingCheckpointer
@@ -55,6 +56,8 @@ class CastlingTrainer(DefaultTrainer):
     - evaluates with :class:`COCOEvaluator` (boxes, and masks when the model predicts them);
     - builds the optimizer with :func:`build_optimizer` (AdamW, layer-wise lr decay, clipping);
     - adds :class:`BranchRegularizer`, which retires the softmax branch over training;
+    - with ``MODEL.CASTLING.TRANSFER.LOSS_WEIGHT > 0``, switches a softmax twin's checkpoint
+      (``MODEL.WEIGHTS``) to Castling-ViT by attention transfer (:class:`AttentionTransfer`);
     - evaluates through :class:`SoftmaxBranchSwitch` (branch on and off, with GFLOPs) in place of
       Detectron2's ``EvalHook``; the model is left with the branch off after training;
     - trains in several CPU processes (Gloo) too;
@@ -118,6 +121,7 @@ class CastlingTrainer(DefaultTrainer):
     def build_hooks(self):
         model = unwrap_model(self.model)
         built = super().build_hooks()
+        transfer = self._build_attention_transfer(model)
         eval_at = next(i for i, hook in enumerate(built) if isinstance(hook, hooks.EvalHook))
         self.branch_switch = SoftmaxBranchSwitch(
             model=model,
@@ -133,8 +137,23 @@ class CastlingTrainer(DefaultTrainer):
             IterationSeeding(self.seed, self.data_loader),
             BranchRegularizer(model, BranchSchedule.from_config(self.cfg)),
             MetricHistoryCheckpoint(),
-        ]
+        ] + ([transfer] if transfer else [])
         return built
+
+    def _build_attention_transfer(self, model):
+        """The :class:`AttentionTransfer` hook that ``MODEL.CASTLING.TRANSFER`` asks for, or None;
+        keeps the teacher checkpoint's tensors until :meth:`resume_or_load` has used them."""
+        hook, self._teacher_state = build_attention_transfer(self.cfg, model)
+        return hook
+
+    def resume_or_load(self, resume=True):
+        """Detectron2's resume-or-load; when switching from a softmax twin (not resuming), the
+        depthwise convolutions the teacher checkpoint lacks then start at zero."""
+        super().resume_or_load(resume=resume)
+        if self._teacher_state is not None and self.start_iter == 0:
+            zeroed = zero_missing_convolutions(unwrap_model(self.model), self._teacher_state)
+            logger.info("Switching from %s: %d depthwise convolutions start at zero.", self.cfg.MODEL.WEIGHTS, zeroed)
+        self._teacher_state = None
 
     def train(self):
         """Run training; return the last evaluation, ``{"branch_on": ..., "branch_off": ...}``."""

@@ -14,23 +14,48 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "BRANCH_MASKS",
+    "CONV_KINDS",
     "LinearAngularAttention",
     "SoftmaxAttention",
+    "branch_keep_mask",
     "deployed_linear_angular_attention",
     "masked_softmax_attention",
 ]
 
 CONV_KINDS = ("seq", "grid")
+BRANCH_MASKS = ("absolute", "relative", "topk")
 # Dtypes whose range holds the deployed form's un-normalised intermediates.
 _WIDE_RANGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
+def branch_keep_mask(attn: torch.Tensor, mask: str, threshold: float, topk: int) -> torch.Tensor:
+    """Which softmax weights the branch keeps, as a boolean tensor of ``attn``'s shape.
+
+    Args:
+        attn: softmax weights ``(..., queries, N)``, each row summing to 1.
+        mask: ``"absolute"``: the reference's ``A > threshold``; ``"relative"``: ``A ≥ threshold / N``,
+            a threshold in units of the uniform weight, so that the mask means the same at any
+            token count (a fresh model's near-uniform softmax keeps about half its weights at
+            ``threshold = 1``, where an absolute 0.02 keeps none once N > 50); ``"topk"``: the
+            ``topk`` largest weights of each row (ties at the k-th value kept too).
+        threshold: the threshold of ``"absolute"`` and ``"relative"``.
+        topk: k of ``"topk"`` (all N when N is smaller).
+    """
+    if mask == "absolute":
+        return attn > threshold
+    if mask == "relative":
+        return attn >= threshold / attn.shape[-1]
+    kth_largest = attn.topk(min(topk, attn.shape[-1]), dim=-1).values[..., -1:]
+    return attn >= kth_largest
+
+
 def _masked_softmax_chunk(
-    q_chunk: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, threshold: float
+    q_chunk: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, mask: str, threshold: float, topk: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One query chunk of the branch: its output rows and the softmax mass its mask keeps."""
     attn = torch.matmul(q_chunk * q_chunk.shape[-1] ** -0.5, k_t).softmax(dim=-1)
-    sparse = attn * (attn > threshold)
+    sparse = attn * branch_keep_mask(attn, mask, threshold, topk)
     return torch.matmul(sparse, v), sparse.sum()
 
 
@@ -40,13 +65,17 @@ def masked_softmax_attention(
     v: torch.Tensor,
     *,
     threshold: float,
+    mask: str = "absolute",
+    topk: int = 32,
     chunk_size: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The auxiliary branch of Castling-ViT: ``(A · [A > threshold]) v`` with ``A = softmax(q kᵀ / √d)``.
+    """The auxiliary branch of Castling-ViT: ``(A ⊙ M) v`` with ``A = softmax(q kᵀ / √d)`` and the
+    mask ``M`` of :func:`branch_keep_mask` (the reference: ``M = [A > threshold]``).
 
     Args:
         q, k, v: tensors of shape ``(B, heads, N, d)``; q and k are the *un-normalised* projections.
-        threshold: attention weights at or below it are dropped (set to zero, not renormalised).
+        threshold, mask, topk: which weights are kept (see :func:`branch_keep_mask`); the others
+            are set to zero, not renormalised.
         chunk_size: if given, queries are processed ``chunk_size`` at a time. Every query row is
             independent, so chunking is exact. Each chunk is checkpointed when gradients are
             recorded (its scores are recomputed in the backward pass instead of kept), so the
@@ -59,15 +88,17 @@ def masked_softmax_attention(
     """
     k_t = k.transpose(-2, -1)
     if chunk_size is None:
-        out, kept_mass = _masked_softmax_chunk(q, k_t, v, threshold)
+        out, kept_mass = _masked_softmax_chunk(q, k_t, v, mask, threshold, topk)
         return out, kept_mass / q.shape[:-1].numel()
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outputs, kept_mass = [], 0.0
     for q_chunk in q.split(chunk_size, dim=-2):
         if recompute:
-            out, kept = checkpoint(_masked_softmax_chunk, q_chunk, k_t, v, threshold, use_reentrant=False)
+            out, kept = checkpoint(
+                _masked_softmax_chunk, q_chunk, k_t, v, mask, threshold, topk, use_reentrant=False
+            )
         else:
-            out, kept = _masked_softmax_chunk(q_chunk, k_t, v, threshold)
+            out, kept = _masked_softmax_chunk(q_chunk, k_t, v, mask, threshold, topk)
         outputs.append(out)
         kept_mass = kept_mass + kept
     return torch.cat(outputs, dim=-2), kept_mass / q.shape[:-1].numel()
@@ -105,6 +136,7 @@ def deployed_linear_angular_attention(
     conv_kind: str,
     height: int,
     width: int,
+    linear_weight: Optional[torch.Tensor] = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Linear-angular attention with the branch off, reordered to read each ``(B, h, N, d)``
@@ -124,6 +156,8 @@ def deployed_linear_angular_attention(
         conv_weight: weight of the module's depthwise convolution.
         conv_kind, eps: as in :class:`LinearAngularAttention`.
         height, width: the token grid.
+        linear_weight: the module's learned per-head weight of the linear term, ``(heads, 1, 1)``,
+            or None (a weight of 1).
 
     Returns:
         ``(B, heads, N, d)``, in v's dtype.
@@ -132,7 +166,10 @@ def deployed_linear_angular_attention(
     q_norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True, dtype=acc).clamp_min(eps)
     k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True, dtype=acc).clamp_min(eps)
     kv = torch.matmul((k / k_norm).to(k.dtype).transpose(-2, -1), v)  # k̂ᵀv, (B, h, d, d)
-    total = torch.matmul(q, kv).to(acc) + (math.pi / 2) * q_norm * v.to(acc)
+    linear_term = torch.matmul(q, kv).to(acc)
+    if linear_weight is not None:
+        linear_term = linear_term * linear_weight.to(acc)
+    total = linear_term + (math.pi / 2) * q_norm * v.to(acc)
     total_norm = torch.linalg.vector_norm(total, dim=-1, keepdim=True).clamp_min(
         math.pi * eps * q_norm
     )
@@ -192,9 +229,10 @@ class LinearAngularAttention(_MultiHeadAttention):
 
     Per head, with ``q̂ = q/‖q‖`` and ``k̂ = k/‖k‖``::
 
-        out = normalize(0.5·v + (1/π)·q̂ (k̂ᵀ v) [+ branch]) + DWConv(v)
+        out = normalize(0.5·v + (w/π)·q̂ (k̂ᵀ v) [+ branch]) + DWConv(v)
 
-    which keeps the linear terms of the angular kernel ``1 − arccos(q̂·k̂)/π``; the depthwise
+    which keeps the linear terms of the angular kernel ``1 − arccos(q̂·k̂)/π`` (``w = 1``, or a
+    learned per-head weight of the linear term against the constant one); the depthwise
     convolution and, during training, a masked softmax attention (the *branch*) stand in for the
     high-order residual. With the branch off, cost and memory are linear in the number of tokens N:
     no N×N tensor is ever formed.
@@ -217,7 +255,10 @@ class LinearAngularAttention(_MultiHeadAttention):
         qkv_bias: bool = True,
         conv_kind: str = "seq",
         conv_kernel_size: int = 9,
+        learn_linear_weight: bool = False,
+        branch_mask: str = "absolute",
         branch_threshold: float = 0.02,
+        branch_topk: int = 32,
         branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
@@ -233,7 +274,15 @@ class LinearAngularAttention(_MultiHeadAttention):
                 ``"grid"``: a depthwise ``k × k`` convolution over the 2D token grid, one filter
                 per channel.
             conv_kernel_size: k above; must be odd so the output keeps the token count.
-            branch_threshold: attention weights of the softmax branch at or below it are masked.
+            learn_linear_weight: learn a per-head weight ``w`` of the linear term ``q̂(k̂ᵀv)/π``
+                against the constant ``0.5·v`` (starting at 1, the reference). Since the sum is
+                normalised, a larger ``w`` gives sharper attention: the angular kernel alone
+                spans only ``[0.18, 0.82]``.
+            branch_mask: which softmax weights the branch keeps: ``"absolute"`` (the
+                reference), ``"relative"`` or ``"topk"``; see :func:`branch_keep_mask`.
+            branch_threshold: the mask's threshold: a softmax weight for ``"absolute"``, a
+                multiple of the uniform weight ``1/N`` for ``"relative"``.
+            branch_topk: weights kept per query by a ``"topk"`` mask.
             branch_chunk_size: queries per chunk in the softmax branch (None: all at once).
             softmax_branch: whether the auxiliary softmax branch is on at construction.
             compile_tail: with the branch off and an fp32 or bf16 input, run
@@ -246,18 +295,26 @@ class LinearAngularAttention(_MultiHeadAttention):
             raise ValueError(f"conv_kind={conv_kind!r} must be one of {CONV_KINDS}")
         if conv_kernel_size < 1 or conv_kernel_size % 2 == 0:
             raise ValueError(f"conv_kernel_size={conv_kernel_size} must be a positive odd number")
+        if branch_mask not in BRANCH_MASKS:
+            raise ValueError(f"branch_mask={branch_mask!r} must be one of {BRANCH_MASKS}")
         if branch_threshold < 0:
             raise ValueError(f"branch_threshold={branch_threshold} must be >= 0")
+        if branch_topk < 1:
+            raise ValueError(f"branch_topk={branch_topk} must be positive")
         if branch_chunk_size is not None and branch_chunk_size < 1:
             raise ValueError(f"branch_chunk_size={branch_chunk_size} must be positive or None")
         self.conv_kind = conv_kind
+        self.branch_mask = branch_mask
         self.branch_threshold = branch_threshold
+        self.branch_topk = branch_topk
         self.branch_chunk_size = branch_chunk_size
         self.softmax_branch = softmax_branch
         self.branch_scale = 1.0
         self.branch_stats: Optional[Dict[str, torch.Tensor]] = None
         self.eps = eps
         self.compile_tail = compile_tail
+
+        self.linear_weight = nn.Parameter(torch.ones(num_heads, 1, 1)) if learn_linear_weight else None
 
         pad = conv_kernel_size // 2
         if conv_kind == "seq":
@@ -287,7 +344,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         if self.compile_tail and not self._branch_active() and v.dtype in _WIDE_RANGE_DTYPES:
             return _compiled_deployed_attention()(
                 q, k, v, self.dwconv.weight, conv_kind=self.conv_kind, height=height,
-                width=width, eps=self.eps,
+                width=width, linear_weight=self.linear_weight, eps=self.eps,
             )
 
         # Written so that full-size temporaries die early and the tail works in place: in
@@ -296,13 +353,16 @@ class LinearAngularAttention(_MultiHeadAttention):
         q_acc, k_acc, v_acc = q.to(acc), k.to(acc), v.to(acc)  # no copies when already fp32
         kv = torch.matmul(F.normalize(k_acc, dim=-1, eps=self.eps).transpose(-2, -1), v_acc)
         del k_acc
-        # (1/π)·q̂(k̂ᵀv) + 0.5·v
+        # (w/π)·q̂(k̂ᵀv) + 0.5·v
         total = torch.matmul(F.normalize(q_acc, dim=-1, eps=self.eps), kv)
+        if self.linear_weight is not None:
+            total = total * self.linear_weight.to(acc)  # not in place: w's gradient needs total
         total = total.div_(math.pi).add_(v_acc, alpha=0.5)
         del q_acc, v_acc
         if self._branch_active():
             branch, kept_mass = masked_softmax_attention(
-                q, k, v, threshold=self.branch_threshold, chunk_size=self.branch_chunk_size
+                q, k, v, threshold=self.branch_threshold, mask=self.branch_mask,
+                topk=self.branch_topk, chunk_size=self.branch_chunk_size,
             )
             branch = branch.to(acc) * self.branch_scale
             if self.training:

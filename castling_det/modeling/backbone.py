@@ -69,7 +69,10 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         conv_kind: str = "seq",
         conv_kernel_size: int = 9,
+        learn_linear_weight: bool = False,
+        branch_mask: str = "absolute",
         branch_threshold: float = 0.02,
+        branch_topk: int = 32,
         branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
@@ -83,8 +86,9 @@ class Block(nn.Module):
             mlp_ratio: hidden width of the MLP over ``dim``.
             qkv_bias: whether the q, k, v projection has a bias.
             drop_path: stochastic depth rate of both residual branches.
-            conv_kind, conv_kernel_size, branch_threshold, branch_chunk_size, softmax_branch,
-            compile_tail: passed to :class:`LinearAngularAttention` (``"castling"`` only).
+            conv_kind, conv_kernel_size, learn_linear_weight, branch_mask, branch_threshold,
+            branch_topk, branch_chunk_size, softmax_branch, compile_tail: passed to
+                :class:`LinearAngularAttention` (``"castling"`` only).
         """
         super().__init__()
         if attn_kind not in ATTN_KINDS:
@@ -102,7 +106,10 @@ class Block(nn.Module):
                 qkv_bias=qkv_bias,
                 conv_kind=conv_kind,
                 conv_kernel_size=conv_kernel_size,
+                learn_linear_weight=learn_linear_weight,
+                branch_mask=branch_mask,
                 branch_threshold=branch_threshold,
+                branch_topk=branch_topk,
                 branch_chunk_size=branch_chunk_size,
                 softmax_branch=softmax_branch,
                 compile_tail=compile_tail,
@@ -150,7 +157,10 @@ class CastlingViT(Backbone):
         drop_path_rate: float = 0.0,
         conv_kind: str = "seq",
         conv_kernel_size: int = 9,
+        learn_linear_weight: bool = False,
+        branch_mask: str = "absolute",
         branch_threshold: float = 0.02,
+        branch_topk: int = 32,
         branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
@@ -171,8 +181,9 @@ class CastlingViT(Backbone):
             mlp_ratio: MLP hidden width over ``embed_dim``.
             qkv_bias: whether the q, k, v projections have a bias.
             drop_path_rate: stochastic depth rate, rising linearly from 0 to this over the blocks.
-            conv_kind, conv_kernel_size, branch_threshold, branch_chunk_size, softmax_branch,
-            compile_tail: settings of the ``"castling"`` blocks, see
+            conv_kind, conv_kernel_size, learn_linear_weight, branch_mask, branch_threshold,
+            branch_topk, branch_chunk_size, softmax_branch, compile_tail: settings of the
+                ``"castling"`` blocks, see
                 :class:`LinearAngularAttention`.
             use_act_checkpoint: recompute each block's activations in the backward pass
                 (saves memory in training, costs one more forward).
@@ -218,7 +229,10 @@ class CastlingViT(Backbone):
                 drop_path=rate,
                 conv_kind=conv_kind,
                 conv_kernel_size=conv_kernel_size,
+                learn_linear_weight=learn_linear_weight,
+                branch_mask=branch_mask,
                 branch_threshold=branch_threshold,
+                branch_topk=branch_topk,
                 branch_chunk_size=branch_chunk_size,
                 softmax_branch=softmax_branch,
                 compile_tail=compile_tail,

@@ -9,6 +9,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import SimpleFeaturePyramid
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
 
+from .attention import BRANCH_MASKS
 from .backbone import ATTN_KINDS, VIT_PRESETS, CastlingViT, vit_feature_names
 
 __all__ = [
@@ -83,7 +84,15 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
         c.CONV_KERNEL_SIZE > 0 and c.CONV_KERNEL_SIZE % 2 == 1, key + "CONV_KERNEL_SIZE",
         c.CONV_KERNEL_SIZE, "a positive odd number",
     )
+    _check(
+        c.BRANCH.MASK in BRANCH_MASKS, key + "BRANCH.MASK", c.BRANCH.MASK, f"one of {list(BRANCH_MASKS)}"
+    )
     _check(c.BRANCH.THRESHOLD >= 0, key + "BRANCH.THRESHOLD", c.BRANCH.THRESHOLD, ">= 0")
+    _check(
+        c.BRANCH.RELATIVE_THRESHOLD >= 0, key + "BRANCH.RELATIVE_THRESHOLD",
+        c.BRANCH.RELATIVE_THRESHOLD, ">= 0",
+    )
+    _check(c.BRANCH.TOPK > 0, key + "BRANCH.TOPK", c.BRANCH.TOPK, "positive")
     _check(
         c.BRANCH.CHUNK_SIZE >= 0, key + "BRANCH.CHUNK_SIZE", c.BRANCH.CHUNK_SIZE,
         "0 (no chunking) or positive",
@@ -108,7 +117,13 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
         drop_path_rate=c.DROP_PATH_RATE,
         conv_kind=c.CONV_KIND,
         conv_kernel_size=c.CONV_KERNEL_SIZE,
-        branch_threshold=c.BRANCH.THRESHOLD,
+        learn_linear_weight=c.LEARN_LINEAR_WEIGHT,
+        branch_mask=c.BRANCH.MASK,
+        # The module has one threshold, read according to the mask.
+        branch_threshold=(
+            c.BRANCH.RELATIVE_THRESHOLD if c.BRANCH.MASK == "relative" else c.BRANCH.THRESHOLD
+        ),
+        branch_topk=c.BRANCH.TOPK,
         branch_chunk_size=c.BRANCH.CHUNK_SIZE or None,
         softmax_branch=c.BRANCH.ENABLED,
         compile_tail=c.COMPILE_TAIL,
