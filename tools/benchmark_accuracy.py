@@ -1,131 +1,410 @@
 #!/usr/bin/env python
-"""Accuracy benchmark: Castling-ViT-Ti Faster R-CNN against its softmax and window twins on BCCD.
+"""BCCD accuracy ablation: Castling-ViT-Ti Faster R-CNN arms trained and evaluated, resumably.
 
-Trains each variant with tools/train_net.py (same config, recipe and seed; only
-MODEL.CASTLING.ATTN_KINDS differs), evaluates it on the val split (Castling with the softmax branch
-on and off), and writes a Markdown table (AP, AP50, backbone GFLOPs at the test size, train+eval
-wall time) and a plot of AP against backbone GFLOPs. GFLOPs are counted at the test size (from the
-switch hook) and at the images' full 640x480 (on the same model, counted here).
+``run`` trains and evaluates each (arm, seed) of a schedule with tools/train_net.py, one after the
+other, on configs/BCCD/faster_rcnn_castling_vit_ti_fpn_bccd.yaml; ``report`` turns the stored
+results into Markdown tables and one figure. A run trains in ``{work-dir}/{schedule}/{arm}-seed{s}``
+and, when it ends, stores ``{results-dir}/{schedule}/{arm}-seed{s}.json``. Calling ``run`` again
+skips stored runs, resumes a killed one from its ``last_checkpoint`` and only records one that
+finished unrecorded (e.g. started by hand), so a series spans sessions.
+
+Schedules (castling_det/analysis/accuracy_runs.py): ``curve`` (2400 iterations, evaluated every
+300) and ``iters{S}`` (S a multiple of 8). Arms: see ARMS below or ``--help``.
+
+The result file holds: arm, description, schedule, seed, overrides (all passed to train_net),
+extra_opts (those given on the command line), total_iterations (a switching arm's teacher
+included), own_iterations, teacher_checkpoint, evaluations ({iteration, branch_off: {AP, AP50},
+branch_on: ...}), final, vit_gmacs_640x480 (ViT multiply-adds on one 640x480 image, branch off),
+wall_seconds and segments (train + eval time, summed over the runner's segments; runner_time.json
+in the run's folder is updated every 30 s), untimed_prior_run, branch_first_half (median kept mass
+and share per castling block over the first half of training), machine and commit.
+
+Relative paths are taken from the current directory; train_net runs in the repository root.
 
 Usage:
-    python tools/benchmark_accuracy.py --data-root ../shared/datasets/bccd \\
-        --work-dir output/benchmark_accuracy --output-dir docs/benchmarks/bccd
+    python tools/benchmark_accuracy.py run --schedule iters600 --arms softmax window castling \\
+        --seeds 0 1 2 [--data-root ../shared/datasets/bccd] [-- KEY VALUE ...]
+    python tools/benchmark_accuracy.py report [--results-dir docs/benchmarks/bccd/runs] \\
+        [--output-dir docs/benchmarks/bccd]
+
+Config overrides after the options are added to every run; put ``--`` before them when they
+follow ``--arms`` or ``--seeds``.
 """
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 import matplotlib
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from castling_det import add_castling_config, softmax_branch
+from castling_det import load_castling_config, softmax_branch
 from castling_det.analysis import count_gflops
+from castling_det.analysis.accuracy_runs import (
+    CURVE,
+    RUN_TIME_FILE,
+    SWITCH_FILE,
+    AblationError,
+    Arm,
+    RunPlan,
+    build_result,
+    check_teacher,
+    curve_points,
+    first_half_branch_stats,
+    group_results,
+    load_results,
+    load_run_time,
+    parse_schedule,
+    plan_run,
+    prune_checkpoints,
+    reduce_evaluations,
+    results_markdown,
+    run_decision,
+    summarize_arm,
+    write_json_atomic,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs/BCCD/faster_rcnn_castling_vit_ti_fpn_bccd.yaml"
+# Relative to REPO, where train_net runs: the commands keep the short form the curve run was started with.
+TRAIN_NET = "tools/train_net.py"
+CONFIG = "configs/BCCD/faster_rcnn_castling_vit_ti_fpn_bccd.yaml"
 CLASSES = "RBC,WBC,Platelets"
-# Attention of the 12 blocks: ViTDet's layout keeps blocks 2, 5, 8 and 11 global.
-VARIANTS = {
-    "castling": '["castling"]',
-    "softmax": '["softmax"]',
-    "window": str(["softmax" if i in (2, 5, 8, 11) else "window" for i in range(12)]).replace("'", '"'),
+RESULTS_DIR = "docs/benchmarks/bccd/runs"
+# How often the running subprocess's wall time is saved: a killed session loses at most this.
+TIME_SAVE_SECONDS = 30.0
+
+ATTN_KINDS = "MODEL.CASTLING.ATTN_KINDS"
+GLOBAL_BLOCKS = (2, 5, 8, 11)  # ViTDet's layout of a 12-block ViT
+
+
+def _kinds(global_kind: str) -> str:
+    """ATTN_KINDS (a JSON list) of 12 blocks: ``global_kind`` at blocks 2, 5, 8, 11, window elsewhere."""
+    return json.dumps([global_kind if i in GLOBAL_BLOCKS else "window" for i in range(12)])
+
+
+_CASTLING = (ATTN_KINDS, '["castling"]')
+# A relative or top-k mask keeps mass at any softmax: the L1 penalty could only flatten it, so the
+# branch is retired by the scale annealing alone.
+_NO_L1 = ("MODEL.CASTLING.BRANCH.L1_WEIGHT", "0.0")
+_RELATIVE = (
+    "MODEL.CASTLING.BRANCH.MASK", "relative", "MODEL.CASTLING.BRANCH.RELATIVE_THRESHOLD", "1.0", *_NO_L1
+)
+
+# name -> Arm(one-line description, yacs overrides, arm switched from at half the schedule).
+ARMS: Dict[str, Arm] = {
+    "softmax": Arm("global softmax attention in every block", (ATTN_KINDS, '["softmax"]')),
+    "window": Arm("window attention, global softmax at blocks 2, 5, 8, 11", (ATTN_KINDS, _kinds("softmax"))),
+    "castling": Arm("linear-angular, seq 9x1 conv, absolute mask 0.02 (config as is)", _CASTLING),
+    "castling-no-branch": Arm(
+        "castling without the softmax branch", (*_CASTLING, "MODEL.CASTLING.BRANCH.ENABLED", "False")
+    ),
+    "castling-relative": Arm("castling, relative mask (A >= 1/N), no L1", (*_CASTLING, *_RELATIVE)),
+    "castling-topk": Arm(
+        "castling, top-32 mask, no L1",
+        (*_CASTLING, "MODEL.CASTLING.BRANCH.MASK", "topk", "MODEL.CASTLING.BRANCH.TOPK", "32", *_NO_L1),
+    ),
+    **{
+        f"castling-grid{k}": Arm(
+            f"castling, {k}x{k} grid conv on v",
+            (*_CASTLING, "MODEL.CASTLING.CONV_KIND", "grid", "MODEL.CASTLING.CONV_KERNEL_SIZE", str(k)),
+        )
+        for k in (3, 5, 7)
+    },
+    "castling-learned-weight": Arm(
+        "castling, learned per-head linear weight", (*_CASTLING, "MODEL.CASTLING.LEARN_LINEAR_WEIGHT", "True")
+    ),
+    "castling-switch": Arm(
+        "castling from the softmax twin at S/2, attention transfer, relative mask",
+        (
+            *_CASTLING,
+            "MODEL.CASTLING.TRANSFER.LOSS_WEIGHT", "1.0", "MODEL.CASTLING.TRANSFER.END", "0.25",
+            *_RELATIVE,
+        ),
+        switch_from="softmax",
+    ),
+    "hybrid": Arm(
+        "window attention, castling at blocks 2, 5, 8, 11 (linear everywhere)",
+        (ATTN_KINDS, _kinds("castling")),
+    ),
 }
 
 
-def full_size_gflops(output_dir: Path) -> dict:
-    """GFLOPs of a trained variant on one 640x480 image, branch on and off."""
-    cfg = add_castling_config(get_cfg())
-    cfg.merge_from_file(str(output_dir / "config.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
+def train_command(data_root: str, overrides: List[str], resume: bool) -> List[str]:
+    """The train_net command of one run (run in REPO); ``--resume`` continues a killed run."""
+    return [
+        sys.executable, TRAIN_NET, "--config-file", CONFIG,
+        "--register-voc", "bccd_train", data_root, "train", CLASSES,
+        "--register-voc", "bccd_val", data_root, "val", CLASSES,
+        *(["--resume"] if resume else []),
+        *overrides,
+    ]
+
+
+def check_data_root(data_root: str) -> None:
+    """Raise :class:`AblationError` unless ``data_root`` holds BCCD's train and val splits."""
+    for split in ("train", "val"):
+        if not (Path(data_root) / "ImageSets/Main" / f"{split}.txt").is_file():
+            raise AblationError(
+                f"BCCD not found under --data-root {data_root}: {split} split "
+                f"ImageSets/Main/{split}.txt is missing"
+            )
+
+
+def repo_path(path: str) -> str:
+    """``path`` (relative to the current directory) as train_net, run in REPO, must see it:
+    relative to REPO when inside it (the short form the curve run was started with), absolute
+    otherwise."""
+    absolute = Path(path).resolve()
+    return str(absolute.relative_to(REPO)) if absolute.is_relative_to(REPO) else str(absolute)
+
+
+def running_trainer(output_dir: Path) -> Optional[int]:
+    """The pid of a live train_net process writing ``output_dir`` (read from /proc), if any: a
+    run started by hand, or orphaned by a killed runner, must not be trained twice at once."""
+    target = (REPO / output_dir).resolve()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0")]
+            cwd = os.readlink(proc / "cwd")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if not any(a.endswith("train_net.py") for a in argv) or "OUTPUT_DIR" not in argv[:-1]:
+            continue
+        if (Path(cwd) / argv[argv.index("OUTPUT_DIR") + 1]).resolve() == target:
+            return int(proc.name)
+    return None
+
+
+def machine_info() -> Dict:
+    """CPU model (lscpu), logical CPUs, and whether AVX-512F and AMX tiles are available."""
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    fields = dict(
+        (key.strip(), value.strip()) for key, _, value in
+        (line.partition(":") for line in lscpu.stdout.splitlines())
+    )
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    return {
+        "model_name": fields.get("Model name", "unknown"),
+        "cpus": os.cpu_count(),
+        "avx512f": "avx512f" in flags,
+        "amx_tile": "amx_tile" in flags,
+    }
+
+
+def git_commit() -> str:
+    """HEAD, with ``-dirty`` when tracked files differ from it."""
+    def git(*args):
+        # --no-optional-locks: do not refresh the index under another git user's feet.
+        return subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
+
+
+def vit_gmacs_640x480(output_dir: Path) -> float:
+    """GMACs (fvcore multiply-adds) of ``backbone.net`` on one 640x480 image, softmax branch off,
+    on a model built from the run's saved config (weights do not change the count)."""
+    cfg = load_castling_config(str(output_dir / "config.yaml"), device="cpu")
     model = build_model(cfg)
     image = {"image": torch.zeros(3, 480, 640), "height": 480, "width": 640}
-    gflops = {}
-    for state in ("on", "off"):
-        with softmax_branch(model, state == "on", scale=1.0):
-            gflops[f"branch_{state}"] = count_gflops(model, [image], modules=("backbone.net",))
-    return gflops
+    with softmax_branch(model, False):
+        return count_gflops(model, [image], modules=("backbone.net",))["backbone.net"]
 
 
-def train_variant(name: str, args) -> dict:
-    """Train and evaluate one variant; return its last branch-switch record and wall time."""
-    output_dir = Path(args.work_dir) / name
-    cmd = [
-        sys.executable, str(REPO / "tools/train_net.py"), "--config-file", str(CONFIG),
-        "--register-voc", "bccd_train", args.data_root, "train", CLASSES,
-        "--register-voc", "bccd_val", args.data_root, "val", CLASSES,
-        "OUTPUT_DIR", str(output_dir), "MODEL.CASTLING.ATTN_KINDS", VARIANTS[name],
-        *args.opts,
+def train(plan: RunPlan, data_root: str, resume: bool) -> None:
+    """Run train_net for ``plan``, saving the segment's wall time to runner_time.json every
+    TIME_SAVE_SECONDS and when it ends (also when the runner is interrupted, which ends it)."""
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    run_time = load_run_time(plan.output_dir)
+    segment = {"commit": git_commit(), "seconds": 0.0}
+    run_time["segments"].append(segment)
+    time_file = plan.output_dir / RUN_TIME_FILE
+    write_json_atomic(time_file, run_time)
+    start = time.monotonic()
+    process = subprocess.Popen(train_command(data_root, plan.overrides, resume), cwd=REPO)
+    try:
+        while True:
+            try:
+                return_code = process.wait(timeout=TIME_SAVE_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                segment["seconds"] = time.monotonic() - start
+                write_json_atomic(time_file, run_time)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+        segment["seconds"] = time.monotonic() - start
+        write_json_atomic(time_file, run_time)
+    if return_code != 0:
+        raise AblationError(
+            f"train_net failed (exit {return_code}) for arm {plan.arm!r} seed {plan.seed}; "
+            f"see {plan.output_dir / 'log.txt'}"
+        )
+
+
+def record(plan: RunPlan, machine: Dict) -> None:
+    """Store the result of a finished run, then delete its intermediate checkpoints."""
+    evaluations = reduce_evaluations(json.loads((plan.output_dir / SWITCH_FILE).read_text()))
+    result = build_result(
+        plan,
+        evaluations,
+        vit_gmacs_640x480(plan.output_dir),
+        load_run_time(plan.output_dir),
+        first_half_branch_stats(plan.output_dir / "metrics.json", plan.own_iterations),
+        machine,
+    )
+    write_json_atomic(plan.result_file, result)
+    deleted = prune_checkpoints(plan.output_dir, plan.keep_checkpoint)
+    final = result["final"]
+    print(
+        f"[benchmark_accuracy] stored {plan.result_file}: box AP {final['branch_off']['AP']:.1f} "
+        f"(branch off); deleted {len(deleted)} intermediate checkpoint(s)",
+        flush=True,
+    )
+
+
+def run(args) -> None:
+    """The ``run`` subcommand: every (arm, seed) in the order given, each skipped, collected,
+    resumed or started (see castling_det.analysis.accuracy_runs.run_decision)."""
+    schedule = parse_schedule(args.schedule)
+    check_data_root(args.data_root)
+    data_root, work_dir, results_dir = map(repo_path, (args.data_root, args.work_dir, args.results_dir))
+    opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
+    os.chdir(REPO)  # every path below is relative to REPO, as train_net sees it
+    # Plan everything first: an unknown arm stops the series before any training.
+    plans = [
+        plan_run(ARMS, arm, schedule, seed, work_dir, results_dir, opts)
+        for arm in args.arms for seed in args.seeds
     ]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    seconds = time.perf_counter() - start
-    record = json.loads((output_dir / "branch_switch.json").read_text())[-1]
-    return {"record": record, "seconds": seconds, "gflops_640x480": full_size_gflops(output_dir)}
-
-
-def table_rows(results: dict):
-    """(label, AP, AP50, ViT GFLOPs at the test size, at 640x480, minutes) per evaluated model."""
-    rows = []
-    for name, result in results.items():
-        for state, metrics in result["record"].items():
-            if not state.startswith("branch_"):
-                continue
-            label = f"{name}, branch {state.split('_')[1]}" if name == "castling" else name
-            full = result["gflops_640x480"][state]["backbone.net"]
-            rows.append(
-                (label, metrics["bbox"]["AP"], metrics["bbox"]["AP50"],
-                 metrics["gflops"]["backbone.net"], full, result["seconds"] / 60)
+    machine = machine_info()
+    for plan in plans:
+        decision = run_decision(plan)
+        label = f"{plan.schedule} {plan.arm} seed {plan.seed}"
+        if decision == "skip":
+            print(f"[benchmark_accuracy] skip {label}: {plan.result_file} exists", flush=True)
+            continue
+        pid = running_trainer(plan.output_dir)
+        if pid is not None:
+            raise AblationError(f"{label}: train_net (pid {pid}) is already writing {plan.output_dir}")
+        if decision != "collect":
+            teacher = ARMS[plan.arm].switch_from
+            check_teacher(
+                plan,
+                f"python tools/benchmark_accuracy.py run --schedule {plan.schedule} --arms {teacher} "
+                f"--seeds {plan.seed} --work-dir {work_dir} --results-dir {results_dir} "
+                f"--data-root {data_root}",
             )
-    return rows
+            print(f"[benchmark_accuracy] {decision} {label} in {plan.output_dir}", flush=True)
+            train(plan, data_root, resume=decision == "resume")
+        else:
+            print(f"[benchmark_accuracy] {label} finished but not recorded: recording it", flush=True)
+        record(plan, machine)
 
 
-def write_outputs(rows, output_dir: Path, machine: str) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"Machine: {machine}.",
-        "",
-        "| model (ViT-Ti Faster R-CNN) | box AP | AP50 | ViT GFLOPs, test size | ViT GFLOPs, 640×480 "
-        "| train + eval (min) |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.1f} |" for r in rows]
-    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, ap, _, _, gflops, _ in rows:
-        ax.scatter(gflops, ap)
-        ax.annotate(label, (gflops, ap), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("ViT backbone GFLOPs (multiply-adds), 640×480")
-    ax.set_ylabel("BCCD val box AP")
-    ax.set_title("AP against backbone GFLOPs")
-    ax.grid(alpha=0.3)
+def plot(results: List[Dict], path: Path) -> None:
+    """Left: the ``curve`` schedule's learning curves; right: box AP (mean ± std over seeds)
+    against ViT GMACs for every arm of every other schedule."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    grouped = group_results(results, list(ARMS))
+    for runs in grouped.get(CURVE, {}).values():
+        for result in runs:
+            left.plot(*curve_points(result), marker="o", label=f"{result['arm']} seed {result['seed']}")
+    left.set(
+        xlabel="iteration (teacher's included)", ylabel="BCCD val box AP, branch off",
+        title="learning curve (curve)",
+    )
+    markers = iter("osD^v<>p*h" * 10)
+    for name, by_arm in grouped.items():
+        if name == CURVE:
+            continue
+        summaries = [summarize_arm(runs) for runs in by_arm.values()]
+        right.errorbar(
+            [s["gmacs"] for s in summaries], [s["ap_mean"] for s in summaries],
+            yerr=[s["ap_std"] or 0.0 for s in summaries], fmt=next(markers), capsize=3, label=name,
+        )
+        for s in summaries:
+            right.annotate(
+                s["arm"], (s["gmacs"], s["ap_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
+    right.set(
+        xlabel="ViT GMACs, 640×480, branch off", ylabel="BCCD val box AP, branch off (mean ± std)",
+        title="ablation",
+    )
+    right.margins(x=0.15)  # room for the labels of the outermost arms
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(output_dir / "ap_vs_gflops.png", dpi=120)
-    print("\n".join(lines))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    """The ``report`` subcommand: results.md and accuracy.png from every stored result."""
+    results = load_results(args.results_dir)
+    if not results:
+        raise AblationError(f"no result file under --results-dir {args.results_dir}")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    markdown = results_markdown(results, list(ARMS))
+    (output_dir / "results.md").write_text(markdown)
+    plot(results, output_dir / "accuracy.png")
+    print(markdown)
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The ``run`` and ``report`` subcommands."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser(
+        "run", help="train and evaluate arms (resumable)",
+        epilog="arms: " + "; ".join(f"{name}: {arm.description}" for name, arm in ARMS.items()),
+    )
+    run_parser.add_argument("--schedule", required=True, help="curve or iters<S>, S a multiple of 8")
+    run_parser.add_argument("--arms", nargs="+", required=True)
+    run_parser.add_argument("--seeds", nargs="+", type=int, required=True)
+    run_parser.add_argument("--data-root", default=str(REPO.parent / "shared/datasets/bccd"))
+    run_parser.add_argument("--work-dir", default=str(REPO / "output/benchmark_accuracy"))
+    run_parser.add_argument("--results-dir", default=str(REPO / RESULTS_DIR))
+    run_parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides added to every run")
+    report_parser = commands.add_parser("report", help="tables and figure from the stored results")
+    report_parser.add_argument("--results-dir", default=str(REPO / RESULTS_DIR))
+    report_parser.add_argument("--output-dir", default=str(REPO / "docs/benchmarks/bccd"))
+    return parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=str(REPO.parent / "shared/datasets/bccd"))
-    parser.add_argument("--work-dir", default="output/benchmark_accuracy")
-    parser.add_argument("--output-dir", default="output/benchmark_accuracy")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--machine", default="2-core x86_64 CPU, fp32")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every variant")
-    args = parser.parse_args()
-    if not (Path(args.data_root) / "ImageSets/Main/train.txt").is_file():
-        sys.exit(f"BCCD not found under {args.data_root} (expected ImageSets/Main/train.txt)")
-    results = {name: train_variant(name, args) for name in args.variants}
-    (Path(args.work_dir) / "summary.json").write_text(json.dumps(results, indent=1))
-    write_outputs(table_rows(results), Path(args.output_dir), args.machine)
+    args = argument_parser().parse_args()
+    # SIGTERM (a session ending) unwinds like Ctrl-C: the subprocess is ended, its time saved.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(f"stopped by signal {signum}"))
+    try:
+        if args.command == "run":
+            run(args)
+        else:
+            report(args)
+    except AblationError as error:
+        sys.exit(f"[benchmark_accuracy] error: {error}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,346 @@
+"""tools/benchmark_accuracy.py and castling_det.analysis.accuracy_runs: schedules, run plans and
+resumption, result aggregation and the report table, with expected values worked out by hand.
+No training."""
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from castling_det.analysis import (
+    AblationError,
+    Schedule,
+    build_result,
+    check_teacher,
+    checkpoint_period,
+    curve_points,
+    first_half_branch_stats,
+    format_mean_std,
+    load_run_time,
+    mean_std,
+    parse_schedule,
+    plan_run,
+    prune_checkpoints,
+    reduce_evaluations,
+    results_markdown,
+    run_decision,
+    schedule_overrides,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_ROOT = "../shared/datasets/bccd"
+# The command the curve's softmax seed-0 run was started with by hand (ROOT = DATA_ROOT).
+HAND_STARTED = (
+    "tools/train_net.py --config-file configs/BCCD/faster_rcnn_castling_vit_ti_fpn_bccd.yaml "
+    "--register-voc bccd_train ROOT train RBC,WBC,Platelets --register-voc bccd_val ROOT val RBC,WBC,Platelets "
+    "OUTPUT_DIR output/benchmark_accuracy/curve/softmax-seed0 MODEL.CASTLING.ATTN_KINDS '[\"softmax\"]' "
+    "SOLVER.MAX_ITER 2400 SOLVER.STEPS '(1920, 2280)' TEST.EVAL_PERIOD 300 SOLVER.CHECKPOINT_PERIOD 300 SEED 0"
+)
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("benchmark_accuracy_tool", REPO / "tools" / "benchmark_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # 0.8 * 600, 0.95 * 600, 600 / 4; divisors of 300 up to 200: the largest is 150.
+        ("iters600", Schedule("iters600", 600, (480, 570), 150, 150)),
+        # divisors of 600 up to 200: 200 itself.
+        ("iters1200", Schedule("iters1200", 1200, (960, 1140), 300, 200)),
+        # 6.4 and 7.6 round down; half of 8 is 4, its own largest divisor.
+        ("iters8", Schedule("iters8", 8, (6, 7), 2, 4)),
+        ("curve", Schedule("curve", 2400, (1920, 2280), 300, 300)),
+    ],
+)
+def test_parse_schedule(name, expected):
+    assert parse_schedule(name) == expected
+
+
+@pytest.mark.parametrize("name", ["iters601", "iters0", "iters", "iters-8", "epochs12", "Curve"])
+def test_bad_schedule_names_are_refused(name):
+    with pytest.raises(AblationError, match="schedule"):
+        parse_schedule(name)
+
+
+def test_schedule_overrides():
+    assert schedule_overrides(parse_schedule("iters1200"), 2) == [
+        "SOLVER.MAX_ITER", "1200", "SOLVER.STEPS", "(960, 1140)", "TEST.EVAL_PERIOD", "300",
+        "SOLVER.CHECKPOINT_PERIOD", "200", "SEED", "2",
+    ]
+
+
+def test_checkpoint_period_divides_half_and_is_at_most_200():
+    # Hand values: half 500 -> 125 (250 > 200); half 700 -> 175; half 4 -> 4;
+    # half 1012 = 4 * 11 * 23 -> 92 (the next divisor, 11 * 23 = 253, is over 200).
+    assert [checkpoint_period(s) for s in (1000, 1400, 8, 2024)] == [125, 175, 4, 92]
+    for iterations in range(8, 5000, 8):
+        period = checkpoint_period(iterations)
+        assert period <= 200 and (iterations // 2) % period == 0, iterations
+
+
+def test_curve_softmax_seed0_command_is_the_hand_started_one(tool):
+    plan = plan_run(tool.ARMS, "softmax", parse_schedule("curve"), 0, "output/benchmark_accuracy", "runs")
+    command = tool.train_command(DATA_ROOT, plan.overrides, resume=False)
+    assert command[0] == sys.executable
+    assert command[1:] == shlex.split(HAND_STARTED.replace("ROOT", DATA_ROOT))
+    assert plan.output_dir == Path("output/benchmark_accuracy/curve/softmax-seed0")
+    assert plan.result_file == Path("runs/curve/softmax-seed0.json")
+    assert plan.extra_opts == []
+
+
+def test_iters600_window_overrides_and_extra_opts(tool):
+    plan = plan_run(tool.ARMS, "window", parse_schedule("iters600"), 1, "W", "R", ["SOLVER.WARMUP_ITERS", "2"])
+    kinds = ["window", "window", "softmax"] * 4
+    assert plan.overrides == [
+        "OUTPUT_DIR", "W/iters600/window-seed1", "MODEL.CASTLING.ATTN_KINDS", json.dumps(kinds),
+        "SOLVER.MAX_ITER", "600", "SOLVER.STEPS", "(480, 570)", "TEST.EVAL_PERIOD", "150",
+        "SOLVER.CHECKPOINT_PERIOD", "150", "SEED", "1", "SOLVER.WARMUP_ITERS", "2",
+    ]
+    assert plan.extra_opts == ["SOLVER.WARMUP_ITERS", "2"]
+    assert (plan.own_iterations, plan.total_iterations, plan.teacher_checkpoint) == (600, 600, None)
+
+
+def test_switching_arm_starts_from_its_teacher_at_half(tool):
+    plan = plan_run(tool.ARMS, "castling-switch", parse_schedule("iters600"), 1, "W", "R")
+    # Own half: 300 iterations, steps at 240 and 285, evaluated every 600 / 8, and checkpoints
+    # every 150 (largest divisor of 150 up to 200); the teacher saved model_0000299 at 300.
+    teacher = Path("W/iters600/softmax-seed1/model_0000299.pth")
+    assert plan.teacher_checkpoint == teacher
+    assert (plan.own_iterations, plan.total_iterations) == (300, 600)
+    overrides = plan.overrides
+    for key, value in [("SOLVER.MAX_ITER", "300"), ("SOLVER.STEPS", "(240, 285)"), ("TEST.EVAL_PERIOD", "75"),
+                       ("SOLVER.CHECKPOINT_PERIOD", "150"), ("MODEL.WEIGHTS", str(teacher)),
+                       ("MODEL.CASTLING.TRANSFER.LOSS_WEIGHT", "1.0"), ("MODEL.CASTLING.BRANCH.MASK", "relative")]:
+        assert overrides[overrides.index(key) + 1] == value, key
+    curve = plan_run(tool.ARMS, "castling-switch", parse_schedule("curve"), 0, "W", "R")
+    assert curve.teacher_checkpoint == Path("W/curve/softmax-seed0/model_0001199.pth")
+    assert (curve.own_iterations, curve.total_iterations) == (1200, 2400)
+
+
+def test_only_the_teacher_arm_keeps_its_half_checkpoint(tool):
+    schedule = parse_schedule("iters600")
+    assert plan_run(tool.ARMS, "softmax", schedule, 0, "W", "R").keep_checkpoint == "model_0000299.pth"
+    assert plan_run(tool.ARMS, "castling", schedule, 0, "W", "R").keep_checkpoint is None
+
+
+def test_unknown_arm_is_named(tool):
+    with pytest.raises(AblationError, match="unknown arm 'castling-fast'.*softmax, window"):
+        plan_run(tool.ARMS, "castling-fast", parse_schedule("iters600"), 0, "W", "R")
+
+
+def test_missing_teacher_checkpoint_names_file_and_command(tool, tmp_path):
+    plan = plan_run(tool.ARMS, "castling-switch", parse_schedule("iters16"), 3, tmp_path, "R")
+    teacher = tmp_path / "iters16/softmax-seed3/model_0000007.pth"
+    with pytest.raises(AblationError) as error:
+        check_teacher(plan, "run --arms softmax --seeds 3")
+    assert str(teacher) in str(error.value) and "run --arms softmax --seeds 3" in str(error.value)
+    teacher.parent.mkdir(parents=True)
+    teacher.write_bytes(b"")
+    check_teacher(plan, "unused")
+
+
+def test_resumability_decisions_and_resume_flag(tool, tmp_path):
+    plan = plan_run(tool.ARMS, "softmax", parse_schedule("iters8"), 0, tmp_path / "work", tmp_path / "runs")
+    assert run_decision(plan) == "start"
+    plan.output_dir.mkdir(parents=True)
+    (plan.output_dir / "last_checkpoint").write_text("model_0000003.pth")
+    assert run_decision(plan) == "resume"
+    # A run evaluated before its end is not finished, even with a model_final.pth.
+    (plan.output_dir / "model_final.pth").write_bytes(b"")
+    (plan.output_dir / "branch_switch.json").write_text(json.dumps([{"iteration": 4}]))
+    assert run_decision(plan) == "resume"
+    (plan.output_dir / "branch_switch.json").write_text(json.dumps([{"iteration": 4}, {"iteration": 8}]))
+    assert run_decision(plan) == "collect"
+    plan.result_file.parent.mkdir(parents=True)
+    plan.result_file.write_text("{}")
+    assert run_decision(plan) == "skip"
+
+    command = tool.train_command("ROOT", plan.overrides, resume=True)
+    assert command[command.index("OUTPUT_DIR") - 1] == "--resume"
+    assert "--resume" not in tool.train_command("ROOT", plan.overrides, resume=False)
+
+
+def test_run_skips_stored_results_without_training(tool, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # run() moves to the repository; this restores the directory after
+    data = tmp_path / "bccd"
+    (data / "ImageSets/Main").mkdir(parents=True)
+    for split in ("train", "val"):
+        (data / f"ImageSets/Main/{split}.txt").write_text("x\n")
+    for arm in ("castling", "softmax"):
+        result = tmp_path / f"runs/iters8/{arm}-seed0.json"
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.write_text("{}")
+    monkeypatch.setattr(tool, "train", lambda *a, **k: pytest.fail("a stored run was trained again"))
+    args = Namespace(schedule="iters8", arms=["castling", "softmax"], seeds=[0], data_root=str(data),
+                     work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "runs"), opts=[])
+    tool.run(args)
+    out = capsys.readouterr().out
+    assert "skip iters8 castling seed 0" in out and "skip iters8 softmax seed 0" in out
+
+
+def test_missing_data_root_is_named(tool, tmp_path):
+    with pytest.raises(AblationError, match=f"{tmp_path / 'nowhere'}.*train"):
+        tool.check_data_root(str(tmp_path / "nowhere"))
+
+
+def test_live_trainer_on_the_same_folder_is_found(tool, tmp_path):
+    # A stand-in whose command line looks like train_net's, run from tmp_path with a relative OUTPUT_DIR.
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "tools/train_net.py", "OUTPUT_DIR", "run"],
+        cwd=tmp_path,
+    )
+    try:
+        time.sleep(0.5)
+        assert tool.running_trainer(tmp_path / "run") == process.pid
+        assert tool.running_trainer(tmp_path / "other") is None
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def test_mean_std_and_format():
+    # mean of 40, 42, 47 = 43; squared deviations 9 + 1 + 16 = 26; sample std sqrt(26 / 2) = 3.606.
+    mean, std = mean_std([40.0, 42.0, 47.0])
+    assert mean == pytest.approx(43.0) and std == pytest.approx(3.6056, abs=1e-4)
+    assert format_mean_std([40.0, 42.0, 47.0]) == "43.0 ± 3.6 [40.0, 42.0, 47.0]"
+    assert mean_std([41.25]) == (41.25, None)
+    assert format_mean_std([41.25]) == "41.2 ± — [41.2]"
+
+
+def _metrics_line(iteration, masses=None, shares=None):
+    record = {"iteration": iteration, "total_loss": 1.0}
+    for block, value in (masses or {}).items():
+        record[f"branch/mass/block{block}"] = value
+    for block, value in (shares or {}).items():
+        record[f"branch/share/block{block}"] = value
+    return json.dumps(record)
+
+
+def test_first_half_branch_stats(tmp_path):
+    # 100 iterations: records at 19, 39, 49 count; 50 and 79 (second half) would change every median.
+    lines = [
+        _metrics_line(19, {3: 0.10, 7: 0.01}, {3: 0.3, 7: 0.1}),
+        _metrics_line(39, {3: 0.06, 7: 0.03}, {3: 0.5, 7: 0.2}),
+        _metrics_line(49, {3: 0.20, 7: 0.02}, {3: 0.4, 7: 0.3}),
+        json.dumps({"iteration": 49.5}),  # malformed: skipped
+        _metrics_line(50, {3: 0.0, 7: 0.9}, {3: 0.0, 7: 0.9}),
+        _metrics_line(79, {3: 0.0, 7: 0.9}, {3: 0.0, 7: 0.9}),
+    ]
+    (tmp_path / "metrics.json").write_text("\n".join(lines) + "\n")
+    stats = first_half_branch_stats(tmp_path / "metrics.json", 100)
+    # block3 masses 0.10, 0.06, 0.20 -> median 0.10 (> 5 %); block7 0.01, 0.03, 0.02 -> 0.02.
+    assert stats["records"] == 3
+    assert stats["blocks"]["block3"] == pytest.approx({"kept_mass": 0.10, "share": 0.4})
+    assert stats["blocks"]["block7"] == pytest.approx({"kept_mass": 0.02, "share": 0.2})
+    assert (stats["blocks_kept_mass_above_5pct"], stats["num_blocks"]) == (1, 2)
+
+
+def test_first_half_branch_stats_without_castling_blocks(tmp_path):
+    (tmp_path / "metrics.json").write_text(_metrics_line(19) + "\n" + _metrics_line(39) + "\n")
+    assert first_half_branch_stats(tmp_path / "metrics.json", 100) == {
+        "records": 0, "blocks": None, "blocks_kept_mass_above_5pct": None, "num_blocks": None,
+    }
+
+
+def test_reduce_evaluations_keeps_the_last_record_of_an_iteration():
+    def evaluation(iteration, ap_off, ap_on=None):
+        record = {"iteration": iteration, "train_branch_scale": 1.0,
+                  "branch_off": {"bbox": {"AP": ap_off, "AP50": 2 * ap_off, "APs": 0.0}, "gflops": {"model": 1.0}}}
+        if ap_on is not None:
+            record["branch_on"] = {"bbox": {"AP": ap_on, "AP50": 2 * ap_on}, "gflops": {"model": 2.0}}
+        return record
+
+    # Resumed after iteration 4: its evaluation was run again; 8 is the final one.
+    records = [evaluation(4, 1.0, 1.5), evaluation(4, 2.0, 2.5), evaluation(8, 3.0)]
+    assert reduce_evaluations(records) == [
+        {"iteration": 4, "branch_off": {"AP": 2.0, "AP50": 4.0}, "branch_on": {"AP": 2.5, "AP50": 5.0}},
+        {"iteration": 8, "branch_off": {"AP": 3.0, "AP50": 6.0}},
+    ]
+
+
+def test_run_time_and_result_fields(tool, tmp_path):
+    plan = plan_run(tool.ARMS, "castling-switch", parse_schedule("iters16"), 0, tmp_path, tmp_path / "runs")
+    assert load_run_time(plan.output_dir) == {"segments": [], "untimed_prior_run": False}
+    plan.output_dir.mkdir(parents=True)
+    (plan.output_dir / "metrics.json").write_text(_metrics_line(1) + "\n")  # trained by hand
+    assert load_run_time(plan.output_dir)["untimed_prior_run"] is True
+    run_time = {"segments": [{"commit": "abc", "seconds": 100.0}, {"commit": "abc", "seconds": 20.5},
+                             {"commit": "def-dirty", "seconds": 1.0}], "untimed_prior_run": False}
+    evaluations = [{"iteration": 8, "branch_off": {"AP": 1.0, "AP50": 2.0}}]
+    result = build_result(plan, evaluations, 6.5, run_time, {"records": 0}, {"cpus": 2})
+    assert (result["wall_seconds"], result["segments"], result["commit"]) == (121.5, 3, "abc, def-dirty")
+    assert (result["total_iterations"], result["own_iterations"]) == (16, 8)
+    assert result["final"] == evaluations[-1] and result["overrides"] == plan.overrides
+    assert result["extra_opts"] == []
+    assert result["teacher_checkpoint"] == str(tmp_path / "iters16/softmax-seed0/model_0000007.pth")
+    with pytest.raises(AblationError, match="no evaluation"):
+        build_result(plan, [], 6.5, run_time, {"records": 0}, {"cpus": 2})
+
+
+def test_prune_keeps_final_and_teacher_checkpoints(tmp_path):
+    for name in ("model_0000003.pth", "model_0000007.pth", "model_final.pth", "last_checkpoint"):
+        (tmp_path / name).write_bytes(b"")
+    assert prune_checkpoints(tmp_path, keep="model_0000003.pth") == ["model_0000007.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000003.pth", "model_final.pth"]
+
+
+MACHINE = {"model_name": "Test CPU", "cpus": 2, "avx512f": True, "amx_tile": False}
+
+
+def _result(arm, seed, ap_off, ap50_off, gmacs, schedule="iters600", ap_on=None, kept=None, wall=600.0,
+            untimed=False, evaluations=None, own=600, total=600, extra_opts=()):
+    final = {"iteration": own, "branch_off": {"AP": ap_off, "AP50": ap50_off}}
+    if ap_on is not None:
+        final["branch_on"] = {"AP": ap_on, "AP50": 0.0}
+    stats = {"records": 5, "blocks": {}, "blocks_kept_mass_above_5pct": kept[0], "num_blocks": kept[1]} if kept \
+        else {"records": 0, "blocks": None, "blocks_kept_mass_above_5pct": None, "num_blocks": None}
+    return {"arm": arm, "description": f"{arm} arm", "schedule": schedule, "seed": seed,
+            "total_iterations": total, "own_iterations": own, "evaluations": evaluations or [final],
+            "final": final, "vit_gmacs_640x480": gmacs, "wall_seconds": wall, "segments": 1,
+            "untimed_prior_run": untimed, "branch_first_half": stats, "machine": MACHINE, "commit": "abc123",
+            "extra_opts": list(extra_opts)}
+
+
+def test_markdown_table_holds_the_hand_computed_values(tool):
+    results = [
+        _result("window", 0, 45.0, 80.0, 10.5, wall=900.0, untimed=True, extra_opts=["SOLVER.WARMUP_ITERS", "2"]),
+        # AP off 40, 42, 47 -> 43.0 ± 3.6; gaps 1, 2, 1.5 -> +1.5; AP50 70, 72, 77 -> 73.0;
+        # 7.0 / 10.5 = 0.67 of the window arm's GMACs; walls 10, 20, 30 min -> 20.0.
+        _result("castling", 2, 47.0, 77.0, 7.0, ap_on=48.5, kept=(3, 12), wall=1800.0),
+        _result("castling", 0, 40.0, 70.0, 7.0, ap_on=41.0, kept=(2, 12), wall=600.0),
+        _result("castling", 1, 42.0, 72.0, 7.0, ap_on=44.0, kept=(3, 12), wall=1200.0),
+        _result("softmax", 0, 10.0, 0.0, 13.0, schedule="curve", own=2400, total=2400, evaluations=[
+            {"iteration": 300, "branch_off": {"AP": 10.0}}, {"iteration": 600, "branch_off": {"AP": 20.5}}]),
+        _result("castling-switch", 0, 30.4, 0.0, 7.0, schedule="curve", own=1200, total=2400, evaluations=[
+            {"iteration": 300, "branch_off": {"AP": 30.4}}]),
+    ]
+    lines = results_markdown(results, list(tool.ARMS)).splitlines()
+    assert lines.index("## curve") < lines.index("## iters600")
+    assert "| arm | seed | AP @ 300 | AP @ 600 | AP @ 1500 |" in lines
+    assert "| softmax | 0 | 10.0 | 20.5 | — |" in lines
+    assert "| castling-switch | 0 | — | — | 30.4 |" in lines
+    assert "| window | window arm | 0 (1) | 45.0 ± — [45.0] | 80.0 | — | 10.50 | 1.00 | — | 600 | — * |" in lines
+    assert ("| castling | castling arm | 0, 1, 2 (3) | 43.0 ± 3.6 [40.0, 42.0, 47.0] | 73.0 | +1.5 | 7.00 | 0.67 "
+            "| 2/12, 3/12, 3/12 | 600 | 20.0 |") in lines
+    assert lines.index("| window | window arm | 0 (1) | 45.0 ± — [45.0] | 80.0 | — | 10.50 | 1.00 | — | 600 | — * |") \
+        < [i for i, line in enumerate(lines) if line.startswith("| castling | ")][0]  # the table's arm order
+    assert "Machine(s): Test CPU, 2 CPUs (avx512f yes, amx_tile no)." in lines
+    assert "Commit(s): abc123." in lines
+    assert lines.count("Extra overrides: `SOLVER.WARMUP_ITERS 2`.") == 1  # the iters600 table's only
+
+
+def test_curve_points_offset_a_switching_arm_by_its_teacher():
+    result = _result("castling-switch", 0, 1.0, 0.0, 7.0, own=1200, total=2400, evaluations=[
+        {"iteration": 300, "branch_off": {"AP": 5.0}}, {"iteration": 1200, "branch_off": {"AP": 9.0}}])
+    assert curve_points(result) == ([1500, 2400], [5.0, 9.0])
