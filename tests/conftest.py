@@ -152,12 +152,14 @@ class _OutputSizeRecorder(TorchDispatchMode):
         return result
 
 
-def largest_output(module, x):
-    """(numel, shape) of the largest tensor any op makes in ``module(x)`` without gradients."""
+def largest_output(function, x):
+    """(numel, shape) of the largest tensor any op makes in ``function(x)`` (a module, a
+    predictor, ...) without gradients; the tensors it returns must be finite."""
     recorder = _OutputSizeRecorder()
     with torch.no_grad(), recorder:
-        out = module(x)
+        out = function(x)
     assert recorder.num_ops > 10  # the mode really saw the forward
     for leaf in tree_leaves(out):
-        assert torch.isfinite(leaf).all()
+        if isinstance(leaf, torch.Tensor):
+            assert torch.isfinite(leaf).all()
     return recorder.max_numel, recorder.max_shape

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from castling_det import LinearAngularAttention
+from castling_det import LinearAngularAttention, set_softmax_branch
 from conftest import largest_output
 from castling_det.modeling.attention import (
     deployed_linear_angular_attention,
@@ -146,6 +146,8 @@ def _make_module(conv_kind: str, kernel_size: int, *, qkv_std: float = 0.1, **kw
     module = LinearAngularAttention(
         dim=64, num_heads=2, conv_kind=conv_kind, conv_kernel_size=kernel_size, **kwargs
     )
+    # The tests compare in eval mode, where the branch runs only when switched on explicitly.
+    module.branch_at_inference = True
     with torch.no_grad():
         module.qkv.weight.normal_(0.0, qkv_std)
         if module.qkv.bias is not None:
@@ -485,7 +487,7 @@ def test_no_quadratic_tensor_with_branch_off(conv_kind):
     assert numel < num_tokens * num_tokens, f"branch off formed a tensor of shape {shape}"
 
     # positive control: the same module with the (unchunked) branch on does form N x N scores
-    module.softmax_branch = True
+    set_softmax_branch(module, True)
     numel_on, shape_on = largest_output(module, x)
     assert numel_on >= num_tokens * num_tokens, shape_on
 
@@ -497,7 +499,9 @@ def test_chunked_branch_bounds_the_score_tensor():
     module = LinearAngularAttention(
         dim=64, num_heads=2, conv_kernel_size=3, softmax_branch=True, branch_chunk_size=512
     ).eval()
+    set_softmax_branch(module, True)
     numel, shape = largest_output(module, x)
+    assert numel >= 2 * 512 * num_tokens // 2, shape  # the branch did run
     # at most chunk x N scores per head (1 image, 2 heads)
     assert numel <= 2 * 512 * num_tokens, shape
     assert numel < num_tokens * num_tokens

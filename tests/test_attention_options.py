@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from castling_det import CastlingViT, LinearAngularAttention
+from castling_det import CastlingViT, LinearAngularAttention, set_softmax_branch
 from castling_det.engine.optimizer import build_optimizer
 from castling_det.modeling.attention import (
     branch_keep_mask,
@@ -246,8 +246,6 @@ def test_deployed_backbone_forms_no_quadratic_tensor(options):
     assert numel < num_tokens * num_tokens, f"the deployed backbone formed a tensor of shape {shape}"
 
     # positive control: the same backbone with its (unchunked) branch on forms N x N scores
-    for block in vit.blocks:
-        if isinstance(block.attn, LinearAngularAttention):
-            block.attn.softmax_branch = True
+    set_softmax_branch(vit, True)
     numel_on, shape_on = largest_output(vit, image)
     assert numel_on >= num_tokens * num_tokens, shape_on

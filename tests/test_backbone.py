@@ -251,7 +251,12 @@ def test_only_block0_requested(make_castling_cfg):
 # Switching the softmax branch
 # --------------------------------------------------------------------------------------------
 def _branch_states(model):
-    return [m.softmax_branch for m in model.modules() if isinstance(m, LinearAngularAttention)]
+    """Whether each castling block runs its branch in eval mode."""
+    return [
+        m.softmax_branch and m.branch_at_inference
+        for m in model.modules()
+        if isinstance(m, LinearAngularAttention)
+    ]
 
 
 def test_set_softmax_branch_changes_and_restores_output(make_castling_cfg):
@@ -266,8 +271,11 @@ def test_set_softmax_branch_changes_and_restores_output(make_castling_cfg):
                 module.qkv.weight.normal_(0.0, 0.2)
     x = torch.randn(2, 3, 100, 130)
 
-    assert _branch_states(backbone) == [True, True]
+    assert _branch_states(backbone) == [False, False]  # as built, eval mode is deployed
     with torch.no_grad():
+        built = backbone(x)["last_feat"]
+        assert castling_det.set_softmax_branch(backbone, True) == 2
+        assert _branch_states(backbone) == [True, True]
         on = backbone(x)["last_feat"]
         assert castling_det.set_softmax_branch(backbone, False) == 2
         assert _branch_states(backbone) == [False, False]
@@ -277,6 +285,7 @@ def test_set_softmax_branch_changes_and_restores_output(make_castling_cfg):
         on_again = backbone(x)["last_feat"]
     assert (on - off).abs().max().item() > 1e-3
     assert torch.equal(on, on_again)
+    assert torch.equal(built, off)
 
 
 def test_set_softmax_branch_on_fpn_and_plain_modules(make_castling_cfg):
@@ -296,14 +305,13 @@ def test_softmax_branch_context_manager_restores_per_module_state(make_castling_
                 module.qkv.weight.normal_(0.0, 0.2)
     x = torch.randn(1, 3, 96, 112)
     with torch.no_grad():
+        castling_det.set_softmax_branch(backbone, True)
         all_on = backbone(x)["last_feat"]
         castling_det.set_softmax_branch(backbone, False)
         all_off = backbone(x)["last_feat"]
 
         attns = [b.attn for b in backbone.blocks]
-        attns[0].softmax_branch = False
-        attns[1].softmax_branch = True
-        attns[2].softmax_branch = False
+        attns[1].softmax_branch = attns[1].branch_at_inference = True
         mixed = backbone(x)["last_feat"]
 
         with castling_det.softmax_branch(backbone, True) as inside:

@@ -121,6 +121,7 @@ def test_inference_with_branch_on_and_off_differs(make_detector_cfg):
     """Switching the branch changes what the detector sees (the switch reaches the backbone)."""
     cfg = make_detector_cfg("RetinaNet")
     model = build_model(cfg).eval()
+    castling_det.set_softmax_branch(model, True)  # in eval mode the branch runs only when asked
     with torch.no_grad():
         for module in _castling_modules(model):
             module.qkv.weight.normal_(0.0, 0.2)

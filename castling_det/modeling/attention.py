@@ -238,7 +238,10 @@ class LinearAngularAttention(_MultiHeadAttention):
     no N×N tensor is ever formed.
 
     The branch is added as ``branch_scale · (A ⊙ mask) v``; the training schedule lowers
-    ``branch_scale`` to 0 (then the branch is not computed). In training mode each forward leaves
+    ``branch_scale`` to 0 (then the branch is not computed). It runs in training mode only, while
+    ``softmax_branch`` is on: a module in eval mode is the deployed, linear one, however it was
+    built, unless ``branch_at_inference`` is set too (as :func:`~castling_det.set_softmax_branch`
+    and :func:`~castling_det.softmax_branch` do, to measure what the branch still contributes). In training mode each forward leaves
     ``branch_stats``: the kept softmax mass (differentiable) and the branch's share of the sum.
 
     Numerics: from bf16 or fp16 q, k, v, everything between the projections and the
@@ -284,7 +287,8 @@ class LinearAngularAttention(_MultiHeadAttention):
                 multiple of the uniform weight ``1/N`` for ``"relative"``.
             branch_topk: weights kept per query by a ``"topk"`` mask.
             branch_chunk_size: queries per chunk in the softmax branch (None: all at once).
-            softmax_branch: whether the auxiliary softmax branch is on at construction.
+            softmax_branch: whether the auxiliary softmax branch is on in training at construction
+                (in eval mode it is off unless switched on explicitly).
             compile_tail: with the branch off and an fp32 or bf16 input, run
                 :func:`deployed_linear_angular_attention` through ``torch.compile`` (needs a C++
                 compiler on CPU, Triton on GPU). Off by default: the eager path is the reference.
@@ -309,6 +313,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         self.branch_topk = branch_topk
         self.branch_chunk_size = branch_chunk_size
         self.softmax_branch = softmax_branch
+        self.branch_at_inference = False
         self.branch_scale = 1.0
         self.branch_stats: Optional[Dict[str, torch.Tensor]] = None
         self.eps = eps
@@ -335,7 +340,8 @@ class LinearAngularAttention(_MultiHeadAttention):
         return _grid_conv(v, self.dwconv.weight, height, width)
 
     def _branch_active(self) -> bool:
-        return self.softmax_branch and self.branch_scale > 0
+        in_use = self.training or self.branch_at_inference
+        return in_use and self.softmax_branch and self.branch_scale > 0
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int):
         """The attention operator alone: per-head ``q, k, v`` of shape ``(B, heads, N, d)`` with

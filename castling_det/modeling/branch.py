@@ -15,7 +15,8 @@ def branch_modules(model: nn.Module) -> List[LinearAngularAttention]:
 
 
 def set_softmax_branch(model: nn.Module, on: bool) -> int:
-    """Turn the softmax branch of every :class:`LinearAngularAttention` in ``model`` on or off.
+    """Turn the softmax branch of every :class:`LinearAngularAttention` in ``model`` on or off,
+    in training and in eval mode alike (a model that was only built runs it in training only).
 
     Returns:
         The number of attention modules switched (0 for a model without any).
@@ -23,6 +24,7 @@ def set_softmax_branch(model: nn.Module, on: bool) -> int:
     modules = branch_modules(model)
     for module in modules:
         module.softmax_branch = bool(on)
+        module.branch_at_inference = bool(on)
     return len(modules)
 
 
@@ -42,8 +44,8 @@ def set_branch_scale(model: nn.Module, scale: float) -> int:
 
 @contextmanager
 def softmax_branch(model: nn.Module, on: bool, scale: float = None) -> Iterator[nn.Module]:
-    """Context manager: the branch is ``on`` inside (at ``scale`` if given); each module's own
-    setting and scale are restored after.
+    """Context manager: the branch is ``on`` inside, in eval mode too (at ``scale`` if given);
+    each module's own settings and scale are restored after.
 
     Example::
 
@@ -51,13 +53,14 @@ def softmax_branch(model: nn.Module, on: bool, scale: float = None) -> Iterator[
             outputs = model(inputs)  # evaluated as deployed: linear in the token count
     """
     modules = branch_modules(model)
-    previous = [(m.softmax_branch, m.branch_scale) for m in modules]
+    previous = [(m.softmax_branch, m.branch_at_inference, m.branch_scale) for m in modules]
     set_softmax_branch(model, on)
     if scale is not None:
         set_branch_scale(model, scale)
     try:
         yield model
     finally:
-        for module, (state, old_scale) in zip(modules, previous):
+        for module, (state, at_inference, old_scale) in zip(modules, previous):
             module.softmax_branch = state
+            module.branch_at_inference = at_inference
             module.branch_scale = old_scale
