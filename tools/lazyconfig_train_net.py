@@ -35,6 +35,7 @@ from castling_det.engine import (
 from castling_det.engine.train_loop import make_train_loop
 from castling_det.engine.cli import (
     argument_parser,
+    eval_branch_states,
     launch_from_args,
     register_datasets,
     setup_castling_logger,
@@ -90,7 +91,7 @@ def do_train(args, cfg):
         model=bare_model,
         eval_period=cfg.train.eval_period,
         evaluate=lambda: do_test(cfg, model),
-        count_gflops=lambda m: test_gflops(cfg, m),
+        count_gflops=lambda m, _dataset_name: test_gflops(cfg, m),
         output_dir=cfg.train.output_dir,
     )
     writers = default_writers(cfg.train.output_dir, cfg.train.max_iter)
@@ -119,6 +120,7 @@ def do_train(args, cfg):
 
 
 def main(args):
+    states = eval_branch_states(args)
     register_datasets(args)
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
@@ -128,9 +130,9 @@ def main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         CastlingCheckpointer(model).load(cfg.train.init_checkpoint)
-        states = ("on", "off") if args.softmax_branch == "both" else (args.softmax_branch,)
         records = evaluate_with_branch(
-            model, states, lambda: do_test(cfg, model), lambda m: test_gflops(cfg, m)
+            model, states, lambda: do_test(cfg, model),
+            lambda m, _dataset_name: test_gflops(cfg, m),
         )
     else:
         records = do_train(args, cfg)
@@ -140,4 +142,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    launch_from_args(main, argument_parser().parse_args())
+    arguments = argument_parser().parse_args()
+    eval_branch_states(arguments)  # a bad --softmax-branch stops here, before any process starts
+    launch_from_args(main, arguments)

@@ -27,6 +27,7 @@ from castling_det.engine import (
 )
 from castling_det.engine.cli import (
     argument_parser,
+    eval_branch_states,
     launch_from_args,
     register_datasets,
     setup_castling_logger,
@@ -43,6 +44,7 @@ def setup(args):
 
 
 def main(args):
+    states = eval_branch_states(args)
     register_datasets(args)
     cfg = setup(args)
     if args.eval_only:
@@ -50,9 +52,12 @@ def main(args):
         CastlingCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        states = ("on", "off") if args.softmax_branch == "both" else (args.softmax_branch,)
         records = evaluate_with_branch(
-            model, states, lambda: CastlingTrainer.test(cfg, model), lambda m: count_test_gflops(cfg, m)
+            model,
+            states,
+            lambda: CastlingTrainer.test(cfg, model),
+            lambda m, dataset_name: count_test_gflops(cfg, m, dataset_name),
+            cfg.DATASETS.TEST or (None,),
         )
     else:
         trainer = CastlingTrainer(cfg)
@@ -64,4 +69,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    launch_from_args(main, argument_parser().parse_args())
+    arguments = argument_parser().parse_args()
+    eval_branch_states(arguments)  # a bad --softmax-branch stops here, before any process starts
+    launch_from_args(main, arguments)

@@ -9,6 +9,7 @@ from ..data import register_coco_dataset, register_voc_dataset
 __all__ = [
     "add_dataset_arguments",
     "argument_parser",
+    "eval_branch_states",
     "launch_from_args",
     "register_datasets",
     "setup_castling_logger",
@@ -21,10 +22,28 @@ def argument_parser(epilog=None):
     parser = default_argument_parser(epilog)
     add_dataset_arguments(parser)
     parser.add_argument(
-        "--softmax-branch", choices=("on", "off", "both"), default="off",
+        "--softmax-branch", choices=("on", "off", "both"), default=None,
         help="with --eval-only: evaluate with the branch on, off (as deployed; default) or both",
     )
     return parser
+
+
+def eval_branch_states(args):
+    """The branch states ``--softmax-branch`` asks ``--eval-only`` to evaluate: ``("off",)`` by
+    default, ``("on", "off")`` for ``both``.
+
+    Raises:
+        SystemExit: ``--softmax-branch`` without ``--eval-only`` (training evaluates with the
+            branch on and off anyway), rather than ignoring it.
+    """
+    if args.softmax_branch is not None and not args.eval_only:
+        raise SystemExit(
+            f"--softmax-branch {args.softmax_branch} applies to --eval-only; training evaluates "
+            "with the branch on and off (see branch_switch.json)"
+        )
+    if args.softmax_branch == "both":
+        return ("on", "off")
+    return (args.softmax_branch or "off",)
 
 
 def add_dataset_arguments(parser) -> None:

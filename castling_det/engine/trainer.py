@@ -38,12 +38,13 @@ def build_checked_test_loader(cfg, dataset_name):
     return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
 
 
-def count_test_gflops(cfg, model):
-    """Mean GFLOPs of ``model`` on the first ``TEST.FLOPS_NUM_IMAGES`` images of the first test
-    set: ``{"model": ..., "backbone": ..., "backbone.net": ...}`` (``{}`` without a test set)."""
+def count_test_gflops(cfg, model, dataset_name=None):
+    """Mean GFLOPs of ``model`` on the first ``TEST.FLOPS_NUM_IMAGES`` images of the test set
+    ``dataset_name`` (default: the first of ``DATASETS.TEST``): ``{"model": ..., "backbone": ...,
+    "backbone.net": ...}`` (``{}`` without a test set)."""
     if not cfg.DATASETS.TEST or cfg.TEST.FLOPS_NUM_IMAGES < 1:
         return {}
-    loader = build_checked_test_loader(cfg, cfg.DATASETS.TEST[0])
+    loader = build_checked_test_loader(cfg, dataset_name or cfg.DATASETS.TEST[0])
     inputs = [batch[0] for batch in itertools.islice(loader, cfg.TEST.FLOPS_NUM_IMAGES)]
     return count_gflops(unwrap_model(model), inputs, modules=("backbone", "backbone.net"))
 
@@ -127,8 +128,9 @@ class CastlingTrainer(DefaultTrainer):
             model=model,
             eval_period=self.cfg.TEST.EVAL_PERIOD,
             evaluate=lambda: self.test(self.cfg, self.model),
-            count_gflops=lambda m: count_test_gflops(self.cfg, m),
+            count_gflops=lambda m, dataset_name: count_test_gflops(self.cfg, m, dataset_name),
             output_dir=self.cfg.OUTPUT_DIR,
+            dataset_names=self.cfg.DATASETS.TEST or (None,),
         )
         built[eval_at] = self.branch_switch
         # Right after the IterationTimer, so the RNGs and the schedule are set before anything
