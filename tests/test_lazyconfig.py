@@ -28,9 +28,18 @@ def test_recipe_loads_and_instantiates(name, heads):
     assert len(castling_det.modeling.branch_modules(model)) == 12
     assert type(model.roi_heads) is heads
     cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    learning_rates = {group["lr"] for group in optimizer.param_groups}
-    assert len(learning_rates) > 2  # layer-wise decay gives the blocks different learning rates
+    # From scratch: no layer-wise decay, every parameter at the base learning rate.
+    assert cfg.train.init_checkpoint == ""
+    assert {group["lr"] for group in instantiate(cfg.optimizer).param_groups} == {cfg.optimizer.lr}
+    # ViTDet's fine-tuning decay, when set, scales block i by 0.7^(12 - i), the embeddings by 0.7^13
+    cfg.optimizer.params.lr_factor_func.keywords["lr_decay_rate"] = 0.7
+    lr_of = {
+        id(p): group["lr"] for group in instantiate(cfg.optimizer).param_groups for p in group["params"]
+    }
+    base = cfg.optimizer.lr
+    assert lr_of[id(vit.blocks[0].attn.qkv.weight)] == pytest.approx(base * 0.7**12)
+    assert lr_of[id(vit.blocks[11].mlp.fc2.weight)] == pytest.approx(base * 0.7)
+    assert lr_of[id(vit.patch_embed.proj.weight)] == pytest.approx(base * 0.7**13)
     scheduler = instantiate(cfg.lr_multiplier)
     assert scheduler(0.0) < scheduler(0.5) == 1.0 > scheduler(0.99)
     assert cfg.train.max_iter == 184375 and set(cfg.train.branch) >= {"anneal_end", "l1_weight"}

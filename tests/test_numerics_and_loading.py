@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -16,6 +17,7 @@ from torch import nn
 
 from castling_det.data import make_shapes_dataset
 from castling_det.engine import CastlingCheckpointer, build_train_loop
+from castling_det.engine.checkpoint import load_pickled_weights
 from castling_det.engine.train_loop import CheckedSimpleTrainer
 from conftest import detection_batch
 
@@ -222,6 +224,32 @@ def test_checkpoints_load_with_weights_only(make_detector_cfg, tmp_path):
     torch.save({"model": model.state_dict(), "payload": _Payload()}, tmp_path / "bad.pth")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         CastlingCheckpointer(twin).load(str(tmp_path / "bad.pth"))
+
+
+def test_pkl_weights_load_as_numpy_arrays_without_unpickling_code(make_detector_cfg, tmp_path, capsys):
+    model = build_model(make_detector_cfg("GeneralizedRCNN"))
+    arrays = {key: tensor.numpy().copy() for key, tensor in model.state_dict().items()}
+    with open(tmp_path / "weights.pkl", "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "test"}, f)
+    twin = build_model(make_detector_cfg("GeneralizedRCNN"))
+    CastlingCheckpointer(twin).load(str(tmp_path / "weights.pkl"))
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, twin.state_dict()[key]), key
+
+    with open(tmp_path / "bad.pkl", "wb") as f:
+        pickle.dump({"model": arrays, "__author__": "test", "payload": _Payload()}, f)
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        CastlingCheckpointer(twin).load(str(tmp_path / "bad.pkl"))
+    assert "unpickled" not in capsys.readouterr().out  # the payload never ran
+
+
+def test_caffe2_pkl_blobs_are_read_without_solver_state(tmp_path):
+    blobs = {"conv1_w": np.ones((2, 3), np.float32), "conv1_w_momentum": np.zeros((2, 3), np.float32)}
+    with open(tmp_path / "c2.pkl", "wb") as f:
+        pickle.dump({"blobs": blobs}, f, protocol=2)
+    loaded = load_pickled_weights(str(tmp_path / "c2.pkl"))
+    assert set(loaded["model"]) == {"conv1_w"} and loaded["matching_heuristics"] is True
+    np.testing.assert_array_equal(loaded["model"]["conv1_w"], blobs["conv1_w"])
 
 
 def test_a_softmax_twin_of_another_width_and_depth_loads_with_a_report(make_detector_cfg, tmp_path, load_log):

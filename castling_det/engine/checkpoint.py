@@ -2,11 +2,12 @@
 and written atomically."""
 import logging
 import os
+import pickle
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["CastlingCheckpointer"]
+__all__ = ["CastlingCheckpointer", "load_pickled_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,57 @@ class _AtomicLocalWrites:
         return getattr(self._path_manager, name)
 
 
+# What a ``.pkl`` of weights (Detectron2's and Detectron1's model zoos) may be rebuilt from: numpy
+# arrays, their dtypes and scalars, ordered dicts, and ``_codecs.encode``, which protocol-2 pickles
+# use to turn an array's raw data from text back into bytes. Nothing here runs code.
+_PICKLED_WEIGHT_CLASSES = {
+    (module, name)
+    for numpy_core in ("numpy.core", "numpy._core")
+    for module, name in (
+        (f"{numpy_core}.multiarray", "_reconstruct"),
+        (f"{numpy_core}.multiarray", "scalar"),
+        (f"{numpy_core}.numeric", "_frombuffer"),
+    )
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("_codecs", "encode")}
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds weights only: any other class or function is refused, by name."""
+
+    def find_class(self, module, name):
+        if (module, name) in _PICKLED_WEIGHT_CLASSES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name} from a .pkl checkpoint: only numpy arrays and "
+            "dicts of them are read (a pickle can run code)"
+        )
+
+
+def load_pickled_weights(path: str) -> dict:
+    """A ``.pkl`` checkpoint in Detectron2's form (``{"model": ..., "__author__": ...}``) or
+    Detectron1/Caffe2's (``{"blobs": ...}`` or a bare dict of arrays), read with
+    :class:`_WeightsUnpickler`, in the form ``DetectionCheckpointer`` loads.
+
+    Raises:
+        pickle.UnpicklingError: naming the first class the file needs that is not a weight.
+    """
+    with open(path, "rb") as f:
+        data = _WeightsUnpickler(f, encoding="latin1").load()
+    if "model" in data and "__author__" in data:
+        return data
+    weights = data.get("blobs", data)
+    # Caffe2's solver state is no weight of the model.
+    weights = {key: value for key, value in weights.items() if not key.endswith("_momentum")}
+    return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
+
+
 class CastlingCheckpointer(DetectionCheckpointer):
     """Detectron2's ``DetectionCheckpointer`` that unpickles with ``weights_only=True``, sums up
     the keys that did not load, and writes atomically.
 
     ``torch.load(weights_only=True)`` rebuilds tensors, containers and numbers only, so a
-    checkpoint cannot run code when it is read (fvcore calls ``torch.load`` without it).
+    checkpoint cannot run code when it is read (fvcore calls ``torch.load`` without it); a ``.pkl``
+    is read by :func:`load_pickled_weights`, which rebuilds numpy arrays and nothing else.
     Weights of another architecture load as far as they fit; fvcore logs each missing,
     unexpected and wrongly shaped key, and one line here says how much of the model was loaded.
 
@@ -69,6 +115,11 @@ class CastlingCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir="", **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.path_manager = _AtomicLocalWrites(self.path_manager)
+
+    def _load_file(self, filename):
+        if filename.endswith(".pkl"):
+            return load_pickled_weights(self.path_manager.get_local_path(filename))
+        return super()._load_file(filename)
 
     def _torch_load(self, f):
         return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
