@@ -23,6 +23,7 @@ def tiny_castling_cfg(backbone_name: str = "build_castling_vit_backbone"):
     castling_det.add_castling_config(cfg)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.BACKBONE.NAME = backbone_name
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0  # Detectron2's default, 2, would freeze the embeddings and block 0
     c = cfg.MODEL.CASTLING
     c.EMBED_DIM = TINY_EMBED_DIM
     c.DEPTH = TINY_DEPTH
@@ -48,7 +49,6 @@ def tiny_detector_cfg(meta_arch: str, mask_on: bool = False):
     m.META_ARCHITECTURE = meta_arch
     m.MASK_ON = mask_on
     m.WEIGHTS = ""
-    m.BACKBONE.FREEZE_AT = 0
     m.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
     m.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
 

@@ -471,3 +471,42 @@ def test_drop_path_rises_linearly_over_the_blocks(make_castling_cfg):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x)["last_feat"], model(x)["last_feat"])  # no dropping in eval
+
+
+# --------------------------------------------------------------------------------------------
+# MODEL.BACKBONE.FREEZE_AT and intermediate outputs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("freeze_at, frozen_blocks", [(0, 0), (1, 0), (2, 1), (3, 2)])
+def test_freeze_at_freezes_the_embeddings_then_the_first_blocks(make_castling_cfg, freeze_at, frozen_blocks):
+    cfg = make_castling_cfg("build_castling_vit_fpn_backbone")
+    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    backbone = _build(cfg).train()
+    vit = backbone.net
+    embeddings_trainable = [vit.pos_embed.requires_grad, vit.patch_embed.proj.weight.requires_grad]
+    assert embeddings_trainable == [freeze_at == 0] * 2
+    for index, block in enumerate(vit.blocks):
+        assert all(p.requires_grad == (index >= frozen_blocks) for p in block.parameters()), index
+    # the pyramid is never frozen, and a frozen stage gets no gradient in a backward pass
+    assert all(p.requires_grad for name, p in backbone.named_parameters() if not name.startswith("net."))
+    sum(f.sum() for f in backbone(torch.randn(1, 3, 64, 64)).values()).backward()
+    assert vit.patch_embed.proj.weight.grad is None if freeze_at else vit.patch_embed.proj.weight.grad is not None
+
+
+def test_freeze_at_beyond_the_blocks_names_the_key(make_castling_cfg):
+    cfg = make_castling_cfg("build_castling_vit_backbone")
+    cfg.MODEL.BACKBONE.FREEZE_AT = cfg.MODEL.CASTLING.DEPTH + 2
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.FREEZE_AT"):
+        _build(cfg)
+
+
+def test_blocks_after_the_last_output_are_not_built(make_castling_cfg):
+    cfg = make_castling_cfg("build_castling_vit_fpn_backbone")
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.CASTLING.DEPTH = 4
+    cfg.MODEL.FPN.IN_FEATURES = ["block1"]
+    backbone = _build(cfg).train()
+    assert len(backbone.net.blocks) == 2
+    sum(f.sum() for f in backbone(torch.randn(1, 3, 64, 64)).values()).backward()
+    # every parameter takes part (DistributedDataParallel rejects unused ones)
+    unused = [name for name, p in backbone.named_parameters() if p.grad is None]
+    assert unused == []

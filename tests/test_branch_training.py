@@ -206,10 +206,13 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, shapes):
     assert _read_metrics(tiny_run.output_dir)[-1]["iteration"] == 8
 
 
-def test_two_process_gloo_training_step(shapes, tmp_path):
+@pytest.mark.parametrize("in_feature", ["last_feat", "block0"])
+def test_two_process_gloo_training_step(shapes, tmp_path, in_feature):
+    """Also with the pyramid on an intermediate block (DDP rejects parameters without gradient)."""
     _train_net(
         "--num-gpus", 2, "--config-file", SHAPES_CONFIG, *shapes, "OUTPUT_DIR", tmp_path,
         *TINY_RUN_OPTS, "SOLVER.MAX_ITER", 2, "TEST.EVAL_PERIOD", 0,
+        "MODEL.FPN.IN_FEATURES", f'["{in_feature}"]',
     )
     assert (tmp_path / "model_final.pth").is_file()
     assert _read_metrics(tmp_path)[-1]["iteration"] == 2

@@ -138,7 +138,9 @@ class CastlingViT(Backbone):
     """A plain, single-scale ViT backbone (ViTDet's layout) with per-block attention kinds.
 
     Returns stride-``patch_size`` feature maps named ``"last_feat"`` (after the last block) and
-    ``"block{i}"`` (after block i, 0-based), whichever ``out_features`` asks for.
+    ``"block{i}"`` (after block i, 0-based), whichever ``out_features`` asks for. Blocks after the
+    last one asked for are not built: they would have no gradient, which DistributedDataParallel
+    rejects, and no use (a checkpoint's tensors for them are reported as unused when loading).
     """
 
     def __init__(
@@ -217,7 +219,11 @@ class CastlingViT(Backbone):
         num_positions = (img_size // patch_size) ** 2 + 1
         self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
 
-        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self._last_block_of = {f"block{i}": i for i in range(depth)}
+        self._last_block_of["last_feat"] = depth - 1
+        num_blocks = max(self._last_block_of[name] for name in out_features) + 1
+        # Rates of the full depth: a truncated ViT's blocks train as they would in the whole one.
+        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()[:num_blocks]
         self.blocks = nn.ModuleList(
             Block(
                 dim=embed_dim,
@@ -240,14 +246,35 @@ class CastlingViT(Backbone):
             for kind, rate in zip(kinds, drop_rates)
         )
 
-        self._last_block_of = {f"block{i}": i for i in range(depth)}
-        self._last_block_of["last_feat"] = depth - 1
         self._out_features = list(out_features)
         self._out_feature_channels = {name: embed_dim for name in self._out_features}
         self._out_feature_strides = {name: patch_size for name in self._out_features}
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
+
+    def freeze(self, freeze_at: int = 0) -> "CastlingViT":
+        """Freeze the first stages, as ``MODEL.BACKBONE.FREEZE_AT`` does for Detectron2's ResNet:
+        0 freezes nothing, 1 the patch and position embeddings (the "stem"), ``k`` > 1 also the
+        first ``k - 1`` blocks. Frozen parameters get ``requires_grad = False``.
+
+        Returns:
+            self, for chaining.
+
+        Raises:
+            ValueError: ``freeze_at`` outside ``[0, number of blocks + 1]``.
+        """
+        if not 0 <= freeze_at <= len(self.blocks) + 1:
+            raise ValueError(
+                f"MODEL.BACKBONE.FREEZE_AT={freeze_at} must be in [0, {len(self.blocks) + 1}] "
+                "(1: the embeddings, k > 1: also the first k - 1 blocks)"
+            )
+        if freeze_at >= 1:
+            self.pos_embed.requires_grad_(False)
+            self.patch_embed.requires_grad_(False)
+        for block in self.blocks[: max(freeze_at - 1, 0)]:
+            block.requires_grad_(False)
+        return self
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -278,9 +305,8 @@ class CastlingViT(Backbone):
         x = self.patch_embed(x).contiguous()
         x = x + get_abs_pos(self.pos_embed, True, x.shape[1:3])
 
-        last = max(self._last_block_of[name] for name in self._out_features)
         outputs = {}
-        for index, block in enumerate(self.blocks[: last + 1]):
+        for index, block in enumerate(self.blocks):
             if self.use_act_checkpoint and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:

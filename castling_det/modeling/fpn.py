@@ -134,8 +134,9 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
 
 @BACKBONE_REGISTRY.register()
 def build_castling_vit_backbone(cfg, input_shape: ShapeSpec) -> CastlingViT:
-    """The bare Castling-ViT, configured by ``cfg.MODEL.CASTLING``."""
-    return CastlingViT(**_vit_kwargs(cfg, input_shape.channels))
+    """The bare Castling-ViT, configured by ``cfg.MODEL.CASTLING``, with the first
+    ``MODEL.BACKBONE.FREEZE_AT`` stages frozen (see :meth:`CastlingViT.freeze`)."""
+    return CastlingViT(**_vit_kwargs(cfg, input_shape.channels)).freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
 def _build_pyramid(cfg, input_shape: ShapeSpec, scale_factors, top_block) -> CastlingFPN:
