@@ -3,9 +3,13 @@
 ``import castling_det`` registers the backbones ``build_castling_vit_backbone``,
 ``build_castling_vit_fpn_backbone`` and ``build_retinanet_castling_vit_fpn_backbone``.
 """
-from . import modeling  # noqa: F401  (registers the backbones)
-from .config import add_castling_config, load_castling_config
-from .modeling import (
+from .detectron2_check import check_detectron2
+
+check_detectron2()  # before anything imports Detectron2's newer parts: a clear error if too old
+
+from . import modeling  # noqa: E402,F401  (registers the backbones)
+from .config import add_castling_config, load_castling_config  # noqa: E402
+from .modeling import (  # noqa: E402
     CastlingFPN,
     CastlingViT,
     LinearAngularAttention,

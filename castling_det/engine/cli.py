@@ -11,6 +11,8 @@ __all__ = [
     "argument_parser",
     "eval_branch_states",
     "launch_from_args",
+    "launch_training_tool",
+    "print_switch_table",
     "register_datasets",
     "setup_castling_logger",
 ]
@@ -85,3 +87,20 @@ def launch_from_args(main, args) -> None:
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+def launch_training_tool(main) -> None:
+    """Parse the training tools' arguments and run ``main(args)`` in as many processes as asked;
+    a bad ``--softmax-branch`` stops here, before any process starts."""
+    arguments = argument_parser().parse_args()
+    eval_branch_states(arguments)
+    launch_from_args(main, arguments)
+
+
+def print_switch_table(records):
+    """Print the switch hook's table(s) on the main process; return ``records``."""
+    from .branch_switch import format_switch_table
+
+    if comm.is_main_process() and records:
+        print("Softmax branch on and off:\n" + format_switch_table(records), flush=True)
+    return records
