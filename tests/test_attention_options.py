@@ -249,3 +249,25 @@ def test_deployed_backbone_forms_no_quadratic_tensor(options):
     set_softmax_branch(vit, True)
     numel_on, shape_on = largest_output(vit, image)
     assert numel_on >= num_tokens * num_tokens, shape_on
+
+
+def test_branch_scale_between_zero_and_one_scales_the_branch_term():
+    """What annealing does mid-way: the sum before the normalisation holds scale x the branch."""
+    module = LinearAngularAttention(dim=32, num_heads=2, conv_kind="grid", conv_kernel_size=3)
+    module.train()
+    q, k, v = (torch.randn(1, 2, 12, 16) * 2 for _ in range(3))
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    attn = torch.softmax(q64 @ k64.transpose(-2, -1) / 4.0, dim=-1)
+    branch = (attn * (attn > 0.02)) @ v64
+    linear = F.normalize(q64, dim=-1) @ (F.normalize(k64, dim=-1).transpose(-2, -1) @ v64) / math.pi
+    conv = F.conv2d(
+        v64.transpose(-2, -1).reshape(1, 32, 3, 4), module.dwconv.weight.double(), padding=1, groups=32
+    ).reshape(1, 2, 16, 12).transpose(-2, -1)
+    outputs = {}
+    for scale in (0.0, 0.3, 1.0):
+        module.branch_scale = scale
+        with torch.no_grad():
+            outputs[scale] = module.attend(q, k, v, 3, 4).double()
+        expected = F.normalize(0.5 * v64 + linear + scale * branch, dim=-1) + conv
+        torch.testing.assert_close(outputs[scale], expected, rtol=0, atol=1e-5)
+    assert (outputs[0.3] - outputs[0.0]).abs().max() > 1e-3 and (outputs[1.0] - outputs[0.3]).abs().max() > 1e-3
