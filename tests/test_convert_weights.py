@@ -1,7 +1,6 @@
 """tools/convert_weights.py and castling_det.convert: timm, DeiT, MAE and Detectron2 ViT checkpoints,
 built here with those libraries' own model classes, converted into Castling-ViT detectors."""
 import argparse
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -309,9 +308,8 @@ def test_cli_converts_for_the_shapes_config(tmp_path):
     assert saved["model"][PREFIX + "pos_embed"].shape == (1, 1 + 144, 192)
 
 
-def test_cli_reports_a_bad_input_and_exits(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "tools"))
-    convert_weights = importlib.import_module("convert_weights")
+def test_cli_reports_a_bad_input_and_exits(tmp_path):
+    from castling_det.commands import convert_weights
 
     config = tmp_path / "tiny.yaml"
     config.write_text(tiny_detector_cfg("GeneralizedRCNN").dump())

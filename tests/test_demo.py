@@ -1,6 +1,5 @@
 """tools/demo.py and castling_det.demo: predictions drawn on images, folders and a video, with the
 softmax branch on or off, and the errors that name a bad input."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -28,16 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 VIDEO_FRAMES = 4
 
 
-def _load_demo_tool():
-    spec = importlib.util.spec_from_file_location("demo_tool", REPO / "tools" / "demo.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 @pytest.fixture(scope="module")
 def demo_tool():
-    return _load_demo_tool()
+    """The demo tool's module (tools/demo.py and the castling-demo command run its code)."""
+    from castling_det.commands import demo
+
+    return demo
 
 
 @pytest.fixture(scope="module")

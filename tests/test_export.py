@@ -1,5 +1,4 @@
 """Export of deployed detectors to TorchScript and ONNX, checked against eager (part of issue #6)."""
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -177,10 +176,10 @@ def test_bad_inputs_of_the_library_name_the_culprit(make_detector_cfg, tmp_path)
 # tools/export_model.py
 # --------------------------------------------------------------------------------------------
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("export_model", REPO / "tools" / "export_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The export tool's module (tools/export_model.py and castling-export run its code)."""
+    from castling_det.commands import export_model
+
+    return export_model
 
 
 @pytest.fixture
