@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("attn_kind", ["castling", "softmax"])
 def test_block_flops_match_the_hand_count(attn_kind):
-    """DESIGN.md §2, per block: linear layers 12·N·d², linear-angular attention 2·N·d·d_h,
+    """Per block, by hand: linear layers 12·N·d², linear-angular attention 2·N·d·d_h,
     softmax attention 2·N²·d (multiply-adds). Norms, GELU and the conv add < 1%."""
     width, side, head_dim = 768, 32, 64
     num_tokens = side * side

@@ -123,7 +123,7 @@ def test_regularizer_adds_the_l1_loss_until_the_branch_is_retired(make_detector_
 # The switch hook on a tiny run
 # --------------------------------------------------------------------------------------------
 def _vit_gflops_from_formulas(num_tokens, width, depth, patch=16, head_dim=64, branch=False):
-    """DESIGN.md §2: per block 12·N·d² (linear layers) + 2·N·d·d_h (linear-angular attention)
+    """Worked out by hand: per block 12·N·d² (linear layers) + 2·N·d·d_h (linear-angular attention)
     [+ 2·N²·d (the softmax branch)], plus the patch embedding N·3·p²·d; multiply-adds."""
     per_block = 12 * num_tokens * width**2 + 2 * num_tokens * width * head_dim
     if branch:

@@ -5,6 +5,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data import register_coco_dataset, register_voc_dataset
+from .branch_switch import format_switch_table
 
 __all__ = [
     "add_dataset_arguments",
@@ -99,8 +100,6 @@ def launch_training_tool(main) -> None:
 
 def print_switch_table(records):
     """Print the switch hook's table(s) on the main process; return ``records``."""
-    from .branch_switch import format_switch_table
-
     if comm.is_main_process() and records:
         print("Softmax branch on and off:\n" + format_switch_table(records), flush=True)
     return records
