@@ -7,12 +7,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch.distributed as dist
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from castling_det.data import make_shapes_dataset
 from castling_det.engine import SoftmaxBranchSwitch, format_switch_table
-from castling_det.engine.cli import argument_parser, eval_branch_states
+from castling_det.engine.cli import _run_then_close_process_group, argument_parser, eval_branch_states
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,18 @@ def test_softmax_branch_needs_eval_only():
     assert eval_branch_states(both) == ("on", "off")
     with pytest.raises(SystemExit, match="applies to --eval-only"):
         eval_branch_states(parser.parse_args(["--softmax-branch", "on"]))
+
+
+def test_worker_closes_its_process_group_after_main(tmp_path):
+    """A worker that exits with Gloo's group still open can abort at shutdown (SIGABRT)."""
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        assert _run_then_close_process_group(lambda args: args * 2, 21) == 42
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_training_with_two_test_sets_and_expected_results(tmp_path):

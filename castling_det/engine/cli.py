@@ -1,5 +1,6 @@
 """Command-line plumbing shared by tools/train_net.py, tools/lazyconfig_train_net.py and
 tools/export_model.py."""
+import torch.distributed as dist
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -81,13 +82,27 @@ def setup_castling_logger(output_dir) -> None:
 def launch_from_args(main, args) -> None:
     """Run ``main(args)`` in ``args.num_gpus`` processes per machine (Gloo on a CPU)."""
     launch(
-        main,
+        _run_then_close_process_group,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
-        args=(args,),
+        args=(main, args),
     )
+
+
+def _run_then_close_process_group(main, args):
+    """``main(args)``, then the process group closed on every rank once all have finished.
+
+    Detectron2's ``launch`` leaves the group open; a process that exits with Gloo's worker threads
+    still alive can abort at interpreter shutdown ("terminate called without an active
+    exception"), failing a run whose work had finished.
+    """
+    result = main(args)
+    if dist.is_available() and dist.is_initialized():
+        comm.synchronize()
+        dist.destroy_process_group()
+    return result
 
 
 def launch_training_tool(main) -> None:
