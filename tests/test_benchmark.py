@@ -1,5 +1,7 @@
 """Measurement: FLOP handles against the hand count, the timing helpers, tools/benchmark.py end to end."""
 import csv
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,8 @@ import pytest
 import torch
 from fvcore.nn import FlopCountAnalysis
 
-from castling_det.analysis import ATTENTION_FLOP_HANDLES
+from castling_det.analysis import ATTENTION_FLOP_HANDLES, attention_operator
+from castling_det.analysis.profiling import self_time_growth
 from castling_det.analysis.timing import median_latency_ms, peak_memory_mib
 from castling_det.modeling.backbone import Block
 
@@ -109,12 +112,54 @@ def _run_tool(*args):
     return result.stdout
 
 
-def test_profile_attention_compares_each_path_with_the_matmuls():
+def test_relative_latencies_divide_by_the_first_candidate(monkeypatch):
+    """Latencies made up per candidate: each ratio is its latency over the two matmuls'."""
+    made_up = {"matmuls": 2.0, "eager": 6.0, "sdpa": 3.0}
+    monkeypatch.setattr(attention_operator, "median_latency_ms", lambda fn, device, **kw: made_up[fn()])
+    candidates = {name: (lambda name=name: name) for name in made_up}
+    rows = attention_operator.relative_latencies(candidates, CPU)
+    assert rows == [("matmuls", 2.0, 1.0), ("eager", 6.0, 3.0), ("sdpa", 3.0, 1.5)]
+
+
+def test_operator_candidates_share_one_projection_of_the_tokens():
+    """The matmuls and each operator work on the castling layer's own q, k, v of the tokens:
+    projected here by hand, q(kᵀv) by einsum, and the eager operator's output projected back
+    gives the layer's forward pass."""
+    side, dim, heads = 4, 16, 2
+    castling, softmax = attention_operator.attention_pair(dim, heads, CPU)
+    x = torch.randn(1, side, side, dim)
+    candidates = attention_operator.operator_candidates(castling, softmax, x, ["eager", "sdpa"])
+    assert list(candidates) == [attention_operator.MATMULS, "castling eager", "softmax SDPA"]
+    qkv = x.reshape(1, side * side, dim) @ castling.qkv.weight.T + castling.qkv.bias
+    q, k, v = qkv.reshape(1, side * side, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    expected = torch.einsum("bhnd,bhde->bhne", q, torch.einsum("bhnd,bhne->bhde", k, v))
+    with torch.inference_mode():
+        torch.testing.assert_close(candidates[attention_operator.MATMULS](), expected)
+        torch.testing.assert_close(castling._project_out(candidates["castling eager"](), side, side), castling(x))
+        torch.testing.assert_close(
+            candidates["softmax SDPA"](), torch.softmax(q @ k.transpose(-2, -1) / (dim // heads) ** 0.5, -1) @ v
+        )
+
+
+def test_profile_attention_prints_each_path_against_the_matmuls():
     out = _run_tool("tools/profile_attention.py", "--tokens", "64", "--dim", "32", "--heads", "2",
                     "--path", "eager", "sdpa", "--repeats", "2", "--rows", "3")
-    headers = [line for line in out.splitlines() if line.startswith("== ")]
-    assert [h.split(":")[0] for h in headers] == ["== two matmuls", "== eager", "== sdpa"]
-    assert "(1.00x the two matmuls)" in headers[0] and "aten::bmm" in out
+    headers = re.findall(r"^== (.+): ([\d.]+) ms median \(([\d.]+)x the two matmuls\)", out, re.M)
+    assert [name for name, _, _ in headers] == [attention_operator.MATMULS, "castling eager", "softmax SDPA"]
+    base = float(headers[0][1])
+    for _, latency, ratio in headers[1:]:
+        # the printed ratio is the printed latencies' ratio, up to their rounding (3 and 2 decimals)
+        low = (float(latency) - 5e-4) / (base + 5e-4)
+        high = (float(latency) + 5e-4) / max(base - 5e-4, 1e-9)
+        assert low - 5e-3 <= float(ratio) <= high + 5e-3, (latency, base, ratio)
+    assert "aten::bmm" in out
+
+
+def test_self_time_growth_sorts_by_the_large_size_and_divides():
+    rows = self_time_growth({"aten::mm": 2.0, "aten::add": 1.0}, {"aten::add": 3.0, "aten::mm": 9.0, "aten::new": 1.0})
+    assert rows[:2] == [("aten::mm", 2.0, 9.0, 4.5), ("aten::add", 1.0, 3.0, 3.0)]
+    name, before, after, ratio = rows[2]
+    assert (name, before, after) == ("aten::new", 0.0, 1.0) and math.isnan(ratio)
 
 
 def test_profile_vit_lists_operators_at_both_sizes():

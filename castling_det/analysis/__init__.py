@@ -1,5 +1,6 @@
-"""Measurement: FLOP counting that includes attention; latency and peak memory; the BCCD
-accuracy ablation's runs and report."""
+"""Measurement: FLOP counting that includes attention; latency and peak memory; the speed
+benchmark (model_speed, attention_operator, targets, benchmark_report), profiling and the model-zoo
+table (zoo_table), each in its own module; the BCCD accuracy ablation's runs and report."""
 from .accuracy_runs import (
     AblationError,
     Arm,
@@ -30,7 +31,7 @@ from .accuracy_runs import (
     summarize_arm,
     write_json_atomic,
 )
-from .flops import ATTENTION_FLOP_HANDLES, count_gflops, sdpa_flop_jit
+from .flops import ATTENTION_FLOP_HANDLES, count_gflops, flop_table, sdpa_flop_jit
 from .timing import median_latency_ms, peak_memory_mib
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "count_gflops",
     "curve_points",
     "first_half_branch_stats",
+    "flop_table",
     "format_mean_std",
     "group_results",
     "half_schedule",

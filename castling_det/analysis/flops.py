@@ -10,10 +10,11 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 from detectron2.utils.analysis import FlopCountAnalysis
+from fvcore.nn import flop_count_table
 from fvcore.nn.jit_handles import elementwise_flop_counter, get_shape
 from torch import nn
 
-__all__ = ["ATTENTION_FLOP_HANDLES", "count_gflops", "sdpa_flop_jit"]
+__all__ = ["ATTENTION_FLOP_HANDLES", "count_gflops", "flop_table", "sdpa_flop_jit", "with_attention_handles"]
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -31,6 +32,14 @@ ATTENTION_FLOP_HANDLES = {
     "aten::norm": elementwise_flop_counter(1, 0),
     "aten::gelu": elementwise_flop_counter(0, 1),
 }
+
+
+def with_attention_handles(counter):
+    """``counter`` (an fvcore or Detectron2 ``FlopCountAnalysis``) counting with
+    :data:`ATTENTION_FLOP_HANDLES`, quiet about the operators it still skips and the modules the
+    traced call does not reach."""
+    counter.set_op_handle(**ATTENTION_FLOP_HANDLES)
+    return counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
 
 
 def count_gflops(
@@ -54,8 +63,7 @@ def count_gflops(
     try:
         with torch.no_grad():
             for single in inputs:
-                counter = FlopCountAnalysis(model, [single]).set_op_handle(**ATTENTION_FLOP_HANDLES)
-                counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+                counter = with_attention_handles(FlopCountAnalysis(model, [single]))
                 by_module = counter.by_module()
                 totals["model"] += counter.total() / 1e9
                 for name in modules:
@@ -64,3 +72,20 @@ def count_gflops(
     finally:
         model.train(was_training)
     return {name: value / len(inputs) for name, value in totals.items()}
+
+
+def flop_table(model: nn.Module, inputs: Sequence[Dict[str, Any]], max_depth: int = 4) -> str:
+    """fvcore's per-module FLOP table of a Detectron2 model on the first of ``inputs``, and the mean
+    total over all of them (GFLOPs, multiply-adds), attention counted.
+
+    Args:
+        model: a Detectron2 model in eval mode.
+        inputs: single-image dataset dicts, each counted separately.
+        max_depth: module depth of the table.
+    """
+    if len(inputs) == 0:
+        raise ValueError("flop_table needs at least one input")
+    counters = [with_attention_handles(FlopCountAnalysis(model, [single])) for single in inputs]
+    mean_total = sum(c.total() for c in counters) / len(counters) / 1e9
+    table = flop_count_table(counters[0], max_depth=max_depth)
+    return f"{table}\nMean total over {len(inputs)} input(s): {mean_total:.6f} GFLOPs (multiply-adds)"

@@ -7,13 +7,13 @@ profiler (every tensor the call creates and frees, in order).
 """
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
-__all__ = ["median_latency_ms", "peak_memory_mib"]
+__all__ = ["latency_and_peak_memory", "median_latency_ms", "peak_memory_mib"]
 
 MIB = 2**20
 
@@ -66,3 +66,14 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
             live -= size
         peak = max(peak, live)
     return peak / MIB
+
+
+def latency_and_peak_memory(
+    fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 5
+) -> Dict[str, float]:
+    """``{"latency_ms": ..., "peak_mem_mib": ...}`` of ``fn()``: :func:`median_latency_ms` and
+    :func:`peak_memory_mib`, in that order."""
+    return {
+        "latency_ms": median_latency_ms(fn, device, warmup=warmup, repeats=repeats),
+        "peak_mem_mib": peak_memory_mib(fn, device),
+    }
