@@ -19,6 +19,13 @@ COMMANDS = {
     "castling-demo": "demo",
     "castling-export": "export_model",
     "castling-convert-weights": "convert_weights",
+    "castling-make-shapes-dataset": "make_shapes_dataset",
+    "castling-plot-metrics": "plot_metrics",
+    "castling-analyze-model": "analyze_model",
+    "castling-model-zoo": "model_zoo",
+    "castling-benchmark": "benchmark",
+    "castling-profile-attention": "profile_attention",
+    "castling-profile-vit": "profile_vit",
 }
 
 setup(
@@ -46,7 +53,8 @@ setup(
         "omegaconf>=2.1",
     ],
     extras_require={
-        "demo": ["opencv-python-headless", "matplotlib"],  # tools/demo.py, tools/plot_metrics.py
+        # castling-demo; matplotlib also for castling-plot-metrics and castling-benchmark's plot
+        "demo": ["opencv-python-headless", "matplotlib"],
         "convert": ["timm"],  # reading timm checkpoints in tools/convert_weights.py
         "export": ["onnx", "onnxruntime"],  # tools/export_model.py --format onnx
         "test": ["pytest", "timm", "onnx", "onnxruntime", "opencv-python-headless", "matplotlib", "tensorboard"],

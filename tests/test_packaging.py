@@ -52,6 +52,12 @@ INSTALLED_USE = textwrap.dedent(
     """
 )
 
+# The console commands the installed wheel declares.
+INSTALLED_COMMANDS = (
+    "from importlib.metadata import entry_points\n"
+    "print(*sorted(e.name for e in entry_points(group='console_scripts') if e.value.startswith('castling_det.')))"
+)
+
 
 def test_wheel_in_a_fresh_venv_gives_configs_trainer_predictor_and_commands(tmp_path):
     run = lambda *cmd, **kw: subprocess.run(  # noqa: E731
@@ -77,7 +83,9 @@ def test_wheel_in_a_fresh_venv_gives_configs_trainer_predictor_and_commands(tmp_
     assert used.returncode == 0, used.stdout[-2000:] + used.stderr[-4000:]
     assert "installed use ok" in used.stdout
 
-    for command in ("castling-train", "castling-lazyconfig-train", "castling-export", "castling-convert-weights"):
+    listed = run(python, "-c", INSTALLED_COMMANDS, cwd=tmp_path).stdout.split()
+    assert {"castling-train", "castling-benchmark", "castling-model-zoo", "castling-plot-metrics"} <= set(listed)
+    for command in listed:
         helped = run(venv / "bin" / command, "--help", cwd=tmp_path)
         assert helped.returncode == 0 and "usage:" in helped.stdout, command + helped.stderr[-2000:]
 

@@ -1,9 +1,8 @@
-"""tools/plot_metrics.py: metrics.json read and merged (resumed runs, malformed lines), and the PNGs."""
-import importlib.util
+"""tools/plot_metrics.py (castling-plot-metrics): metrics.json read and merged (resumed runs,
+malformed lines), and the PNGs."""
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +10,7 @@ from PIL import Image
 
 from castling_det.analysis.curves import plot_training_curves
 from castling_det.analysis.metrics_log import block_summary, metric_series, read_metrics
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("plot_metrics_tool", REPO / "tools" / "plot_metrics.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+from castling_det.commands import plot_metrics
 
 
 def _training(iteration, total_loss, mass=None):
@@ -104,13 +95,12 @@ def test_a_run_without_evaluations_gets_no_ap_figure(tmp_path):
 
 
 def test_the_tool_plots_two_runs_and_names_a_missing_one(resumed_run, tmp_path):
-    tool = _load_tool()
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(resumed_run / "metrics.json", other / "metrics.json")
-    tool.main([str(resumed_run), str(other / "metrics.json"), "--output", str(tmp_path / "plots")])
+    plot_metrics.main([str(resumed_run), str(other / "metrics.json"), "--output", str(tmp_path / "plots")])
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["ap.png", "branch.png", "losses.png"]
     assert all(p.stat().st_size > 0 for p in (tmp_path / "plots").iterdir())
     missing = tmp_path / "nowhere"
     with pytest.raises(SystemExit, match=f"metrics file {missing / 'metrics.json'} does not exist"):
-        tool.main([str(resumed_run), str(missing), "--output", str(tmp_path / "plots")])
+        plot_metrics.main([str(resumed_run), str(missing), "--output", str(tmp_path / "plots")])

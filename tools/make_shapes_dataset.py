@@ -1,28 +1,12 @@
 #!/usr/bin/env python
 """Generate the synthetic shapes data set (COCO format, with masks) that `make run` trains on.
 
+The code is castling_det/commands/make_shapes_dataset.py; installed with pip, the same tool is the
+``castling-make-shapes-dataset`` command.
+
 Usage: python tools/make_shapes_dataset.py --output datasets/shapes [--num-train 300 --num-val 60]
 """
-import argparse
-
-from castling_det.data import make_shapes_dataset
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True, help="directory to write the data set into")
-    parser.add_argument("--num-train", type=int, default=300)
-    parser.add_argument("--num-val", type=int, default=60)
-    parser.add_argument("--image-size", type=int, default=192)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    splits = make_shapes_dataset(
-        args.output, num_train=args.num_train, num_val=args.num_val,
-        image_size=args.image_size, seed=args.seed,
-    )
-    for split, (json_path, image_dir) in splits.items():
-        print(f"{split}: {json_path} ({image_dir})")
-
+from castling_det.commands.make_shapes_dataset import run
 
 if __name__ == "__main__":
-    main()
+    run()
