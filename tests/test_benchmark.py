@@ -100,7 +100,11 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
             "branch train naive", "branch train chunked"} <= operators
     accuracy = _read(tmp_path / "accuracy.csv")
     assert all(r["finite"] == "True" for r in accuracy)
-    assert all(float(r["rel_error"]) < 5e-3 for r in accuracy)
+    # The README's bound for the eager operator (the only path run without torch.compile; its
+    # figures are at N = 4096, d = 768, these at N = 256 and 1024, d = 64): bf16 and fp16 within
+    # 2e-3 of float64, relative.
+    assert {r["path"] for r in accuracy} == {"eager"} and {r["dtype"] for r in accuracy} == {"bf16", "fp16"}
+    assert all(float(r["rel_error"]) <= 2e-3 for r in accuracy)
     targets = {r["target"]: r for r in _read(tmp_path / "targets.csv")}
     assert targets["fp16 finite at N=1024"]["met"] == "True"
     assert "target" in result.stdout and "measured" in result.stdout
