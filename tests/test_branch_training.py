@@ -13,8 +13,10 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from castling_det.data import make_shapes_dataset, register_voc_dataset
-from castling_det.engine import BranchRegularizer, BranchSchedule
+from castling_det import load_castling_config
+from castling_det.data import make_shapes_dataset, register_coco_dataset, register_voc_dataset
+from castling_det.engine import BranchRegularizer, BranchSchedule, CastlingTrainer, unwrap_model
+from castling_det.modeling import branch_modules
 from conftest import detection_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,6 +181,31 @@ def test_training_logs_to_tensorboard_and_prints_an_eta_line(tiny_run):
     assert re.search(r"eta: \d+:\d\d:\d\d +iter: 5 +total_loss: ", log), log[-2000:]
 
 
+def test_trainer_leaves_the_model_with_the_branch_off(tmp_path):
+    """README: "After training the model is left with the branch off". The schedule keeps the
+    branch at full scale to the end (ANNEAL_START = ANNEAL_END = 1), so it is the switch hook, not
+    the annealing, that turns it off."""
+    (train_json, train_dir), _ = make_shapes_dataset(
+        tmp_path / "data", num_train=4, num_val=1, image_size=96, seed=6
+    ).values()
+    register_coco_dataset("branch_left_off_train", str(train_json), str(train_dir))
+    cfg = load_castling_config(str(SHAPES_CONFIG), [
+        *TINY_RUN_OPTS, "DATASETS.TRAIN", ("branch_left_off_train",), "DATASETS.TEST", (),
+        "TEST.FLOPS_NUM_IMAGES", 0, "SOLVER.MAX_ITER", 2, "OUTPUT_DIR", str(tmp_path / "run"),
+        "MODEL.CASTLING.BRANCH.ANNEAL_START", 1.0, "MODEL.CASTLING.BRANCH.ANNEAL_END", 1.0,
+    ])
+    trainer = CastlingTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    attentions = branch_modules(unwrap_model(trainer.model))
+    assert len(attentions) == 2 and all(m.softmax_branch for m in attentions)
+    trainer.train()
+    assert trainer.storage.history("branch/mass/block0").values()  # the branch ran in training
+    assert all(m.branch_scale == 1.0 for m in attentions)
+    assert [(m.softmax_branch, m.branch_at_inference) for m in attentions] == [(False, False)] * 2
+    trainer.model.train()
+    assert not any(m._branch_active() for m in attentions)  # off in training mode too
+
+
 def test_eval_only_defaults_to_the_branch_off(tiny_run, shapes):
     weights = tiny_run.output_dir / "model_final.pth"
     off = _train_net(
@@ -206,16 +233,59 @@ def test_resume_continues_from_the_last_checkpoint(tiny_run, shapes):
     assert _read_metrics(tiny_run.output_dir)[-1]["iteration"] == 8
 
 
+# tools/train_net.py's command, with each rank saving its model's state at the start and at the
+# end of training. The patch is at the script's top level, which every worker that launch() spawns
+# runs again (as __mp_main__).
+PER_RANK_STATES = """
+import os
+import torch
+from detectron2.utils import comm
+from castling_det.commands.train_net import run
+from castling_det.engine import CastlingTrainer, unwrap_model
+
+_train = CastlingTrainer.train
+
+def train(self):
+    state = lambda: {k: v.detach().clone() for k, v in unwrap_model(self.model).state_dict().items()}
+    before = state()
+    result = _train(self)
+    path = os.path.join(self.cfg.OUTPUT_DIR, f"rank{comm.get_rank()}_states.pth")
+    torch.save({"before": before, "after": state()}, path)
+    return result
+
+CastlingTrainer.train = train
+if __name__ == "__main__":
+    run()
+"""
+
+
 @pytest.mark.parametrize("in_feature", ["last_feat", "block0"])
-def test_two_process_gloo_training_step(shapes, tmp_path, in_feature):
-    """Also with the pyramid on an intermediate block (DDP rejects parameters without gradient)."""
-    _train_net(
-        "--num-gpus", 2, "--config-file", SHAPES_CONFIG, *shapes, "OUTPUT_DIR", tmp_path,
-        *TINY_RUN_OPTS, "SOLVER.MAX_ITER", 2, "TEST.EVAL_PERIOD", 0,
+def test_two_process_gloo_training_keeps_the_ranks_weights_equal(shapes, tmp_path, in_feature):
+    """Two Gloo processes train on different images, yet (DistributedDataParallel averaging the
+    gradients) hold the same weights at every step: equal at the start, equal and moved at the
+    end, and equal to rank 0's model_final.pth. Also with the pyramid on an intermediate block
+    (DDP rejects parameters without gradient)."""
+    script = tmp_path / "per_rank_states.py"
+    script.write_text(PER_RANK_STATES)
+    output_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, script, "--num-gpus", 2, "--config-file", SHAPES_CONFIG, *shapes,
+        "OUTPUT_DIR", output_dir, *TINY_RUN_OPTS, "SOLVER.MAX_ITER", 2, "TEST.EVAL_PERIOD", 0,
         "MODEL.FPN.IN_FEATURES", f'["{in_feature}"]',
-    )
-    assert (tmp_path / "model_final.pth").is_file()
-    assert _read_metrics(tmp_path)[-1]["iteration"] == 2
+    ]
+    result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert _read_metrics(output_dir)[-1]["iteration"] == 2
+
+    ranks = [torch.load(output_dir / f"rank{rank}_states.pth", weights_only=True) for rank in (0, 1)]
+    final = torch.load(output_dir / "model_final.pth", weights_only=True)["model"]
+    assert ranks[0]["after"].keys() == ranks[1]["after"].keys() == final.keys()
+    moved = [key for key, value in ranks[0]["after"].items() if not torch.equal(value, ranks[0]["before"][key])]
+    assert moved == list(final), "some weights did not change in training"
+    for key, value in ranks[0]["after"].items():
+        assert torch.equal(ranks[1]["before"][key], ranks[0]["before"][key]), key
+        assert torch.equal(ranks[1]["after"][key], value), key
+        assert torch.equal(final[key], value), key
 
 
 # --------------------------------------------------------------------------------------------
