@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from detectron2.modeling import build_model
 
+from castling_det import load_castling_config
 from castling_det.data import make_shapes_dataset
 from castling_det.data.train_loader import BatchPlan, ResumableTrainLoader, _PlannedBatches
 from castling_det.engine import CastlingCheckpointer
@@ -115,11 +117,11 @@ def shapes(tmp_path_factory):
     return ["--register-coco", "shapes_train", str(train_json), str(train_dir)]
 
 
-def _train_net(shapes, output_dir, *extra_args, kill_code=""):
+def _train_net(shapes, output_dir, *extra_args, kill_code="", opts=()):
     """Run tools/train_net.py in a fresh process, after ``kill_code`` (which may patch it to
-    SIGKILL itself)."""
+    SIGKILL itself); ``opts`` override RUN_OPTS."""
     argv = ["train_net.py", "--config-file", str(SHAPES_CONFIG), *shapes, *extra_args,
-            "OUTPUT_DIR", str(output_dir), *RUN_OPTS]
+            "OUTPUT_DIR", str(output_dir), *RUN_OPTS, *opts]
     script = (
         "import runpy, sys, os, signal\n"
         f"sys.argv = {argv!r}\n"
@@ -129,11 +131,13 @@ def _train_net(shapes, output_dir, *extra_args, kill_code=""):
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
 
 
-KILL_AT_ITERATION_25 = """
+def _kill_at(iteration):
+    """Code that makes the trainer SIGKILL its process when it reaches ``iteration``."""
+    return f"""
 from castling_det.engine import CastlingTrainer
 _run_step = CastlingTrainer.run_step
 def run_step(self):
-    if self.iter == 25:
+    if self.iter == {iteration}:
         os.kill(os.getpid(), signal.SIGKILL)
     _run_step(self)
 CastlingTrainer.run_step = run_step
@@ -157,7 +161,7 @@ def test_a_run_killed_and_resumed_ends_as_an_uninterrupted_one(shapes, tmp_path)
     result = _train_net(shapes, whole)
     assert result.returncode == 0, result.stderr[-4000:]
 
-    result = _train_net(shapes, killed, kill_code=KILL_AT_ITERATION_25)
+    result = _train_net(shapes, killed, kill_code=_kill_at(25))
     assert result.returncode == -signal.SIGKILL, result.stderr[-4000:]
     assert (killed / "last_checkpoint").read_text() == "model_0000019.pth"
     assert not (killed / "model_final.pth").exists()
@@ -184,6 +188,37 @@ def test_a_run_killed_and_resumed_ends_as_an_uninterrupted_one(shapes, tmp_path)
     for iteration, record in metrics[0].items():
         assert record.keys() == metrics[1][iteration].keys()
         assert metrics[1][iteration] == pytest.approx(record, abs=1e-6, rel=0), iteration
+
+
+def _seed_of(checkpoint_path):
+    return torch.load(checkpoint_path, weights_only=True)["trainer"]["hooks"]["IterationSeeding"]["seed"]
+
+
+def test_a_drawn_seed_is_kept_on_resume(shapes, tmp_path):
+    """README: "`SEED: -1` draws one and a resumed run keeps it". A SEED -1 run killed at
+    iteration 8 and resumed keeps the seed its checkpoint holds, and ends with the weights of an
+    uninterrupted run given that seed. All three start from the same saved weights, since the
+    drawn seed would otherwise decide the initialisation too."""
+    init = tmp_path / "init.pth"
+    cfg = load_castling_config(str(SHAPES_CONFIG), RUN_OPTS)
+    torch.save({"model": build_model(cfg).state_dict()}, init)
+    short = ["SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "5", "MODEL.WEIGHTS", str(init)]
+    drawn, given = tmp_path / "drawn", tmp_path / "given"
+
+    result = _train_net(shapes, drawn, kill_code=_kill_at(8), opts=[*short, "SEED", "-1"])
+    assert result.returncode == -signal.SIGKILL, result.stderr[-4000:]
+    assert (drawn / "last_checkpoint").read_text() == "model_0000004.pth"
+    seed = _seed_of(drawn / "model_0000004.pth")
+    result = _train_net(shapes, drawn, "--resume", opts=[*short, "SEED", "-1"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Starting training from iteration 5" in (drawn / "log.txt").read_text()
+    assert _seed_of(drawn / "model_final.pth") == seed
+
+    result = _train_net(shapes, given, opts=[*short, "SEED", str(seed)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    final = [torch.load(run / "model_final.pth", weights_only=True)["model"] for run in (given, drawn)]
+    for key, tensor in final[0].items():
+        torch.testing.assert_close(final[1][key], tensor, atol=1e-6, rtol=0, msg=key)
 
 
 KILL_WHILE_SAVING_MODEL_FINAL = """
