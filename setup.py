@@ -19,6 +19,7 @@ COMMANDS = {
     "castling-demo": "demo",
     "castling-export": "export_model",
     "castling-convert-weights": "convert_weights",
+    "castling-benchmark-accuracy": "benchmark_accuracy",  # needs a checkout (tools/train_net.py, configs/)
 }
 
 setup(
@@ -46,7 +47,8 @@ setup(
         "omegaconf>=2.1",
     ],
     extras_require={
-        "demo": ["opencv-python-headless", "matplotlib"],  # tools/demo.py, tools/plot_metrics.py
+        # tools/demo.py; tools/plot_metrics.py and tools/benchmark_accuracy.py (matplotlib)
+        "demo": ["opencv-python-headless", "matplotlib"],
         "convert": ["timm"],  # reading timm checkpoints in tools/convert_weights.py
         "export": ["onnx", "onnxruntime"],  # tools/export_model.py --format onnx
         "test": ["pytest", "timm", "onnx", "onnxruntime", "opencv-python-headless", "matplotlib", "tensorboard"],

@@ -1,5 +1,6 @@
 """Measurement: FLOP counting that includes attention; latency and peak memory; the BCCD
-accuracy ablation's runs and report."""
+accuracy ablation's runs, softmax-branch statistics and report (its figures, which need
+matplotlib, are in accuracy_figures)."""
 from .accuracy_runs import (
     AblationError,
     Arm,
@@ -10,7 +11,6 @@ from .accuracy_runs import (
     checkpoint_name,
     checkpoint_period,
     curve_points,
-    first_half_branch_stats,
     format_mean_std,
     group_results,
     half_schedule,
@@ -26,9 +26,19 @@ from .accuracy_runs import (
     results_markdown,
     run_decision,
     run_dir,
+    run_finished,
     schedule_overrides,
     summarize_arm,
     write_json_atomic,
+)
+from .branch_stats import (
+    block_medians,
+    branch_markdown,
+    branch_trajectory,
+    downsample_indices,
+    first_half_branch_stats,
+    has_branch,
+    retired_at,
 )
 from .flops import ATTENTION_FLOP_HANDLES, count_gflops, sdpa_flop_jit
 from .timing import median_latency_ms, peak_memory_mib
@@ -39,16 +49,21 @@ __all__ = [
     "Arm",
     "RunPlan",
     "Schedule",
+    "block_medians",
+    "branch_markdown",
+    "branch_trajectory",
     "build_result",
     "check_teacher",
     "checkpoint_name",
     "checkpoint_period",
     "count_gflops",
     "curve_points",
+    "downsample_indices",
     "first_half_branch_stats",
     "format_mean_std",
     "group_results",
     "half_schedule",
+    "has_branch",
     "load_results",
     "load_run_time",
     "lr_steps",
@@ -61,8 +76,10 @@ __all__ = [
     "reduce_evaluations",
     "result_path",
     "results_markdown",
+    "retired_at",
     "run_decision",
     "run_dir",
+    "run_finished",
     "schedule_overrides",
     "sdpa_flop_jit",
     "summarize_arm",
