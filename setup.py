@@ -26,6 +26,7 @@ COMMANDS = {
     "castling-benchmark": "benchmark",
     "castling-profile-attention": "profile_attention",
     "castling-profile-vit": "profile_vit",
+    "castling-benchmark-accuracy": "benchmark_accuracy",  # needs a checkout (tools/train_net.py, configs/)
 }
 
 setup(
@@ -53,7 +54,7 @@ setup(
         "omegaconf>=2.1",
     ],
     extras_require={
-        # castling-demo; matplotlib also for castling-plot-metrics and castling-benchmark's plot
+        # castling-demo; matplotlib also for castling-plot-metrics, castling-benchmark and castling-benchmark-accuracy
         "demo": ["opencv-python-headless", "matplotlib"],
         "convert": ["timm"],  # reading timm checkpoints in tools/convert_weights.py
         "export": ["onnx", "onnxruntime"],  # tools/export_model.py --format onnx

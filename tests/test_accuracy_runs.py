@@ -1,8 +1,9 @@
-"""tools/benchmark_accuracy.py and castling_det.analysis.accuracy_runs: schedules, run plans and
-resumption, result aggregation and the report table, with expected values worked out by hand.
-No training."""
-import importlib.util
+"""castling_det.commands.benchmark_accuracy (tools/benchmark_accuracy.py) and
+castling_det.analysis.accuracy_runs and branch_stats: schedules, run plans and resumption, result
+aggregation, the softmax branch's trajectory and the report's tables and figures, with expected
+values worked out by hand. No training."""
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import pytest
 from castling_det.analysis import (
     AblationError,
     Schedule,
+    branch_trajectory,
     build_result,
     check_teacher,
     checkpoint_period,
     curve_points,
+    downsample_indices,
     first_half_branch_stats,
     format_mean_std,
     load_run_time,
@@ -30,10 +33,13 @@ from castling_det.analysis import (
     results_markdown,
     run_decision,
     schedule_overrides,
+    write_json_atomic,
 )
+from castling_det.analysis.accuracy_figures import plot_branch
+from castling_det.commands import benchmark_accuracy as tool
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT = "../shared/datasets/bccd"
+DATA_ROOT = "/data/bccd"  # any folder: the test compares commands
 # The command the curve's softmax seed-0 run was started with by hand (ROOT = DATA_ROOT).
 HAND_STARTED = (
     "tools/train_net.py --config-file configs/BCCD/faster_rcnn_castling_vit_ti_fpn_bccd.yaml "
@@ -41,14 +47,6 @@ HAND_STARTED = (
     "OUTPUT_DIR output/benchmark_accuracy/curve/softmax-seed0 MODEL.CASTLING.ATTN_KINDS '[\"softmax\"]' "
     "SOLVER.MAX_ITER 2400 SOLVER.STEPS '(1920, 2280)' TEST.EVAL_PERIOD 300 SOLVER.CHECKPOINT_PERIOD 300 SEED 0"
 )
-
-
-@pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("benchmark_accuracy_tool", REPO / "tools" / "benchmark_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(
@@ -89,7 +87,7 @@ def test_checkpoint_period_divides_half_and_is_at_most_200():
         assert period <= 200 and (iterations // 2) % period == 0, iterations
 
 
-def test_curve_softmax_seed0_command_is_the_hand_started_one(tool):
+def test_curve_softmax_seed0_command_is_the_hand_started_one():
     plan = plan_run(tool.ARMS, "softmax", parse_schedule("curve"), 0, "output/benchmark_accuracy", "runs")
     command = tool.train_command(DATA_ROOT, plan.overrides, resume=False)
     assert command[0] == sys.executable
@@ -99,7 +97,7 @@ def test_curve_softmax_seed0_command_is_the_hand_started_one(tool):
     assert plan.extra_opts == []
 
 
-def test_iters600_window_overrides_and_extra_opts(tool):
+def test_iters600_window_overrides_and_extra_opts():
     plan = plan_run(tool.ARMS, "window", parse_schedule("iters600"), 1, "W", "R", ["SOLVER.WARMUP_ITERS", "2"])
     kinds = ["window", "window", "softmax"] * 4
     assert plan.overrides == [
@@ -111,7 +109,7 @@ def test_iters600_window_overrides_and_extra_opts(tool):
     assert (plan.own_iterations, plan.total_iterations, plan.teacher_checkpoint) == (600, 600, None)
 
 
-def test_switching_arm_starts_from_its_teacher_at_half(tool):
+def test_switching_arm_starts_from_its_teacher_at_half():
     plan = plan_run(tool.ARMS, "castling-switch", parse_schedule("iters600"), 1, "W", "R")
     # Own half: 300 iterations, steps at 240 and 285, evaluated every 600 / 8, and checkpoints
     # every 150 (largest divisor of 150 up to 200); the teacher saved model_0000299 at 300.
@@ -128,18 +126,18 @@ def test_switching_arm_starts_from_its_teacher_at_half(tool):
     assert (curve.own_iterations, curve.total_iterations) == (1200, 2400)
 
 
-def test_only_the_teacher_arm_keeps_its_half_checkpoint(tool):
+def test_only_the_teacher_arm_keeps_its_half_checkpoint():
     schedule = parse_schedule("iters600")
     assert plan_run(tool.ARMS, "softmax", schedule, 0, "W", "R").keep_checkpoint == "model_0000299.pth"
     assert plan_run(tool.ARMS, "castling", schedule, 0, "W", "R").keep_checkpoint is None
 
 
-def test_unknown_arm_is_named(tool):
+def test_unknown_arm_is_named():
     with pytest.raises(AblationError, match="unknown arm 'castling-fast'.*softmax, window"):
         plan_run(tool.ARMS, "castling-fast", parse_schedule("iters600"), 0, "W", "R")
 
 
-def test_missing_teacher_checkpoint_names_file_and_command(tool, tmp_path):
+def test_missing_teacher_checkpoint_names_file_and_command(tmp_path):
     plan = plan_run(tool.ARMS, "castling-switch", parse_schedule("iters16"), 3, tmp_path, "R")
     teacher = tmp_path / "iters16/softmax-seed3/model_0000007.pth"
     with pytest.raises(AblationError) as error:
@@ -150,7 +148,7 @@ def test_missing_teacher_checkpoint_names_file_and_command(tool, tmp_path):
     check_teacher(plan, "unused")
 
 
-def test_resumability_decisions_and_resume_flag(tool, tmp_path):
+def test_resumability_decisions_and_resume_flag(tmp_path):
     plan = plan_run(tool.ARMS, "softmax", parse_schedule("iters8"), 0, tmp_path / "work", tmp_path / "runs")
     assert run_decision(plan) == "start"
     plan.output_dir.mkdir(parents=True)
@@ -171,7 +169,7 @@ def test_resumability_decisions_and_resume_flag(tool, tmp_path):
     assert "--resume" not in tool.train_command("ROOT", plan.overrides, resume=False)
 
 
-def test_run_skips_stored_results_without_training(tool, tmp_path, monkeypatch, capsys):
+def test_run_skips_stored_results_without_training(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # run() moves to the repository; this restores the directory after
     data = tmp_path / "bccd"
     (data / "ImageSets/Main").mkdir(parents=True)
@@ -184,17 +182,17 @@ def test_run_skips_stored_results_without_training(tool, tmp_path, monkeypatch, 
     monkeypatch.setattr(tool, "train", lambda *a, **k: pytest.fail("a stored run was trained again"))
     args = Namespace(schedule="iters8", arms=["castling", "softmax"], seeds=[0], data_root=str(data),
                      work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "runs"), opts=[])
-    tool.run(args)
+    tool.run_series(args)
     out = capsys.readouterr().out
     assert "skip iters8 castling seed 0" in out and "skip iters8 softmax seed 0" in out
 
 
-def test_missing_data_root_is_named(tool, tmp_path):
+def test_missing_data_root_is_named(tmp_path):
     with pytest.raises(AblationError, match=f"{tmp_path / 'nowhere'}.*train"):
         tool.check_data_root(str(tmp_path / "nowhere"))
 
 
-def test_live_trainer_on_the_same_folder_is_found(tool, tmp_path):
+def test_live_trainer_on_the_same_folder_is_found(tmp_path):
     # A stand-in whose command line looks like train_net's, run from tmp_path with a relative OUTPUT_DIR.
     process = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)", "tools/train_net.py", "OUTPUT_DIR", "run"],
@@ -269,7 +267,7 @@ def test_reduce_evaluations_keeps_the_last_record_of_an_iteration():
     ]
 
 
-def test_run_time_and_result_fields(tool, tmp_path):
+def test_run_time_and_result_fields(tmp_path):
     plan = plan_run(tool.ARMS, "castling-switch", parse_schedule("iters16"), 0, tmp_path, tmp_path / "runs")
     assert load_run_time(plan.output_dir) == {"segments": [], "untimed_prior_run": False}
     plan.output_dir.mkdir(parents=True)
@@ -278,14 +276,14 @@ def test_run_time_and_result_fields(tool, tmp_path):
     run_time = {"segments": [{"commit": "abc", "seconds": 100.0}, {"commit": "abc", "seconds": 20.5},
                              {"commit": "def-dirty", "seconds": 1.0}], "untimed_prior_run": False}
     evaluations = [{"iteration": 8, "branch_off": {"AP": 1.0, "AP50": 2.0}}]
-    result = build_result(plan, evaluations, 6.5, run_time, {"records": 0}, {"cpus": 2})
+    result = build_result(plan, evaluations, 6.5, run_time, {"records": 0}, None, {"cpus": 2})
     assert (result["wall_seconds"], result["segments"], result["commit"]) == (121.5, 3, "abc, def-dirty")
     assert (result["total_iterations"], result["own_iterations"]) == (16, 8)
     assert result["final"] == evaluations[-1] and result["overrides"] == plan.overrides
     assert result["extra_opts"] == []
     assert result["teacher_checkpoint"] == str(tmp_path / "iters16/softmax-seed0/model_0000007.pth")
     with pytest.raises(AblationError, match="no evaluation"):
-        build_result(plan, [], 6.5, run_time, {"records": 0}, {"cpus": 2})
+        build_result(plan, [], 6.5, run_time, {"records": 0}, None, {"cpus": 2})
 
 
 def test_prune_keeps_final_and_teacher_checkpoints(tmp_path):
@@ -312,7 +310,7 @@ def _result(arm, seed, ap_off, ap50_off, gmacs, schedule="iters600", ap_on=None,
             "extra_opts": list(extra_opts)}
 
 
-def test_markdown_table_holds_the_hand_computed_values(tool):
+def test_markdown_table_holds_the_hand_computed_values():
     results = [
         _result("window", 0, 45.0, 80.0, 10.5, wall=900.0, untimed=True, extra_opts=["SOLVER.WARMUP_ITERS", "2"]),
         # AP off 40, 42, 47 -> 43.0 ± 3.6; gaps 1, 2, 1.5 -> +1.5; AP50 70, 72, 77 -> 73.0;
@@ -344,3 +342,165 @@ def test_curve_points_offset_a_switching_arm_by_its_teacher():
     result = _result("castling-switch", 0, 1.0, 0.0, 7.0, own=1200, total=2400, evaluations=[
         {"iteration": 300, "branch_off": {"AP": 5.0}}, {"iteration": 1200, "branch_off": {"AP": 9.0}}])
     assert curve_points(result) == ([1500, 2400], [5.0, 9.0])
+
+
+def test_downsample_indices_keep_first_and_last():
+    assert downsample_indices(5, 100) == [0, 1, 2, 3, 4]
+    assert downsample_indices(7, 4) == [0, 2, 4, 6]  # steps of 6 / 3
+    indices = downsample_indices(120, 100)  # the curve schedule logs 120 records
+    assert len(indices) == 100 and (indices[0], indices[-1]) == (0, 119)
+    assert all(a < b for a, b in zip(indices, indices[1:]))
+
+
+def _branch_line(iteration, scale, masses, shares):
+    record = {"iteration": iteration, "branch/scale": scale, "total_loss": 1.0}
+    record.update({f"branch/mass/block{b}": v for b, v in masses.items()})
+    record.update({f"branch/share/block{b}": v for b, v in shares.items()})
+    return json.dumps(record)
+
+
+def test_branch_trajectory_is_downsampled_with_nulls_where_not_measured(tmp_path):
+    lines = [
+        _branch_line(4, 1.0, {0: 0.123456, 2: 0.2, 10: 0.5}, {0: 0.0123456, 2: 0.02}),
+        json.dumps({"iteration": 9, "bbox/AP": 3.0}),  # an evaluation: no branch key, not a point
+        _branch_line(14, 1.0, {0: 0.1, 2: 0.2}, {0: 0.01, 2: 0.02}),
+        _branch_line(24, 1.0, {0: 0.05, 2: 1e-7}, {0: 0.005, 2: 0.0}),
+        _branch_line(34, 0.75, {0: 0.04, 2: 0.1}, {0: 0.004, 2: 0.01}),
+        _branch_line(44, 0.5, {0: 0.03, 2: 0.1}, {0: 0.003, 2: 0.01}),
+        _branch_line(54, 0.0, {}, {}),  # scale 0: the branch is not computed, nothing measured
+        _branch_line(64, 0.0, {}, {}),
+    ]
+    (tmp_path / "metrics.json").write_text("\n".join(lines) + "\n")
+    # 7 records with branch keys, at most 4 points: indices 0, 2, 4, 6.
+    assert branch_trajectory(tmp_path / "metrics.json", max_points=4) == {
+        "records": 7,
+        "iterations": [4, 24, 44, 64],
+        "scale": [1.0, 1.0, 0.5, 0.0],
+        "l1_weight": None,  # not logged
+        "kept_mass": {  # blocks in numeric order, 4 significant digits
+            "block0": [0.1235, 0.05, 0.03, None],
+            "block2": [0.2, 1e-7, 0.1, None],
+            "block10": [0.5, None, None, None],
+        },
+        "share": {"block0": [0.01235, 0.005, 0.003, None], "block2": [0.02, 0.0, 0.01, None],
+                  "block10": [None, None, None, None]},
+    }
+    assert branch_trajectory(tmp_path / "metrics.json")["iterations"] == [4, 14, 24, 34, 44, 54, 64]
+
+
+def test_branch_trajectory_of_a_run_without_branch_is_none(tmp_path):
+    # A softmax run logs the schedule's scalars but no block statistic.
+    (tmp_path / "metrics.json").write_text(_branch_line(19, 1.0, {}, {}) + "\n" + _branch_line(39, 1.0, {}, {}) + "\n")
+    assert branch_trajectory(tmp_path / "metrics.json") is None
+
+
+def test_result_files_keep_number_lists_on_one_line(tmp_path):
+    data = {"iterations": [4, 24], "share": {"block0": [0.5, None]}, "overrides": ["KINDS", '["a",  "b"]'], "empty": []}
+    write_json_atomic(tmp_path / "r.json", data)
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text) == data
+    assert '"iterations": [4, 24],' in text and '"block0": [0.5, null]' in text
+    assert '  "[\\"a\\",  \\"b\\"]"' in text  # a string is left as it is, on its own line
+
+
+def _first_half(kept, blocks):
+    return {"records": 3, "blocks": blocks, "blocks_kept_mass_above_5pct": kept, "num_blocks": len(blocks)}
+
+
+def _trajectory(iterations, scale, shares, masses=None):
+    return {"records": len(iterations), "iterations": iterations, "scale": scale, "l1_weight": None,
+            "kept_mass": masses or shares, "share": shares}
+
+
+def _branch_results():
+    """castling (seed 0 with a trajectory, seed 1 recorded before trajectories) and softmax."""
+    castling = _result("castling", 0, 40.0, 70.0, 7.0, ap_on=41.0)
+    # First-half shares 0.1, 0.3, 0.2 -> median 20 %; masses 0.2 and 0.06 above 5 %, 0.01 not.
+    castling["branch_first_half"] = _first_half(2, {
+        "block0": {"kept_mass": 0.2, "share": 0.1}, "block1": {"kept_mass": 0.01, "share": 0.3},
+        "block2": {"kept_mass": 0.06, "share": 0.2}})
+    # Last measured at 300: shares 0.05, 0.01, 0.03 -> median 3 %; scale 0 from 480.
+    castling["branch_trajectory"] = _trajectory(
+        [0, 300, 480, 599], [1.0, 0.5, 0.0, 0.0],
+        {"block0": [0.1, 0.05, None, None], "block1": [0.3, 0.01, None, None], "block2": [0.2, 0.03, None, None]},
+        {"block0": [0.2, 0.06, None, None], "block1": [0.0, 0.01, None, None], "block2": [0.1, 0.2, None, None]})
+    older = _result("castling", 1, 42.0, 72.0, 7.0, ap_on=44.0)
+    older["branch_first_half"] = _first_half(1, {
+        "block0": {"kept_mass": 0.2, "share": 0.1}, "block1": {"kept_mass": 0.0, "share": 0.1}})
+    softmax = _result("softmax", 0, 45.0, 80.0, 13.0)
+    softmax["branch_trajectory"] = None
+    return [castling, older, softmax]
+
+
+def test_branch_table_counts_blocks_and_names_arms_without_branch():
+    lines = results_markdown(_branch_results(), list(tool.ARMS)).splitlines()
+    table = lines[lines.index("## Softmax branch"):]
+    assert "| iters600 | softmax | 0 | no branch | — | — | — |" in table
+    assert "| iters600 | castling | 0, 1 | 2/3, 1/2 | 20 %, 10 % | 3 % @ 300, not recorded | 480, not recorded |" in table
+    # A result stored before trajectories existed, without a branch: no branch either.
+    assert "| iters600 | window | 0 | no branch | — | — | — |" in results_markdown(
+        [_result("window", 0, 45.0, 80.0, 10.5)]).splitlines()
+
+
+def test_report_writes_tables_and_both_figures(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "report"
+    for result in _branch_results():
+        write_json_atomic(runs / result["schedule"] / f"{result['arm']}-seed{result['seed']}.json", result)
+    tool.run(["report", "--results-dir", str(runs), "--output-dir", str(out)])
+    for figure in ("accuracy.png", "branch.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    assert "| iters600 | softmax | 0 | no branch | — | — | — |" in (out / "results.md").read_text().splitlines()
+    assert "branch.png: iters600 castling seed 0" in capsys.readouterr().out  # seed 1 has no trajectory
+
+
+def test_branch_figure_without_any_branch_is_a_note(tmp_path):
+    softmax = _branch_results()[2]
+    assert plot_branch([softmax], list(tool.ARMS), tmp_path / "branch.png") == []
+    assert (tmp_path / "branch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_record_rewrites_stored_results_without_training_or_pruning(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # record() moves to the repository; this restores the directory after
+    monkeypatch.setattr(tool, "vit_gmacs_640x480", lambda output_dir: 7.0)  # no model built
+    work, runs = tmp_path / "work", tmp_path / "runs"
+    run = work / "iters8/castling-seed0"
+    run.mkdir(parents=True)
+    for name in ("model_final.pth", "model_0000003.pth"):
+        (run / name).write_bytes(b"")
+    (run / "branch_switch.json").write_text(json.dumps([
+        {"iteration": 8, "branch_off": {"bbox": {"AP": 5.0, "AP50": 9.0}}, "branch_on": {"bbox": {"AP": 6.0, "AP50": 9.5}}}
+    ]))
+    (run / "metrics.json").write_text("\n".join(_branch_line(i, 1.0, {0: 0.1}, {0: 0.2}) for i in (1, 3, 5, 7)) + "\n")
+    other_machine = dict(MACHINE, model_name="Where it ran")
+    stored = _result("castling", 0, 1.0, 2.0, 3.0, schedule="iters8", own=8, total=8, extra_opts=["SEED", "0"])
+    stored["machine"] = other_machine
+    write_json_atomic(runs / "iters8/castling-seed0.json", stored)
+    unfinished = runs / "iters8/softmax-seed0.json"
+    write_json_atomic(unfinished, _result("softmax", 0, 1.0, 2.0, 3.0, schedule="iters8", own=8, total=8))
+    before = unfinished.read_text()
+
+    tool.run(["record", "--work-dir", str(work), "--results-dir", str(runs)])
+    result = json.loads((runs / "iters8/castling-seed0.json").read_text())
+    assert result["final"] == {"iteration": 8, "branch_off": {"AP": 5.0, "AP50": 9.0},
+                               "branch_on": {"AP": 6.0, "AP50": 9.5}}
+    assert result["branch_trajectory"]["iterations"] == [1, 3, 5, 7]
+    assert result["branch_first_half"]["records"] == 2  # iterations 1 and 3 of 8
+    assert result["machine"] == other_machine  # where it ran, not where it was recorded again
+    assert result["extra_opts"] == ["SEED", "0"] and result["overrides"][-2:] == ["SEED", "0"]
+    assert (run / "model_0000003.pth").is_file()  # nothing deleted
+    assert unfinished.read_text() == before
+    assert f"kept {unfinished}" in capsys.readouterr().out
+
+
+def test_command_line_keeps_its_interface():
+    parser = tool.argument_parser()
+    args = parser.parse_args(["run", "--schedule", "curve", "--arms", "castling", "window", "--seeds", "0"])
+    assert (args.schedule, args.arms, args.seeds, args.opts) == ("curve", ["castling", "window"], [0], [])
+    assert (args.work_dir, args.results_dir) == (str(REPO / "output/benchmark_accuracy"),
+                                                 str(REPO / "docs/benchmarks/bccd/runs"))
+    args = parser.parse_args(["run", "--schedule", "iters8", "--arms", "softmax", "--seeds", "1", "--", "SEED", "3"])
+    assert args.opts == ["--", "SEED", "3"]
+    assert parser.parse_args(["report"]).output_dir == str(REPO / "docs/benchmarks/bccd")
+    helped = subprocess.run([sys.executable, "tools/benchmark_accuracy.py", "--help"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert helped.returncode == 0 and "{run,record,report}" in helped.stdout, helped.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Measurement: FLOP counting that includes attention; latency and peak memory; the speed
 benchmark (model_speed, attention_operator, targets, benchmark_report), profiling and the model-zoo
-table (zoo_table), each in its own module; the BCCD accuracy ablation's runs and report."""
+table (zoo_table), each in its own module; the BCCD accuracy ablation's runs, softmax-branch
+statistics and report (its figures, which need matplotlib, are in accuracy_figures)."""
 from .accuracy_runs import (
     AblationError,
     Arm,
@@ -11,7 +12,6 @@ from .accuracy_runs import (
     checkpoint_name,
     checkpoint_period,
     curve_points,
-    first_half_branch_stats,
     format_mean_std,
     group_results,
     half_schedule,
@@ -27,9 +27,19 @@ from .accuracy_runs import (
     results_markdown,
     run_decision,
     run_dir,
+    run_finished,
     schedule_overrides,
     summarize_arm,
     write_json_atomic,
+)
+from .branch_stats import (
+    block_medians,
+    branch_markdown,
+    branch_trajectory,
+    downsample_indices,
+    first_half_branch_stats,
+    has_branch,
+    retired_at,
 )
 from .flops import ATTENTION_FLOP_HANDLES, count_gflops, flop_table, sdpa_flop_jit
 from .timing import median_latency_ms, peak_memory_mib
@@ -40,17 +50,22 @@ __all__ = [
     "Arm",
     "RunPlan",
     "Schedule",
+    "block_medians",
+    "branch_markdown",
+    "branch_trajectory",
     "build_result",
     "check_teacher",
     "checkpoint_name",
     "checkpoint_period",
     "count_gflops",
     "curve_points",
+    "downsample_indices",
     "first_half_branch_stats",
     "flop_table",
     "format_mean_std",
     "group_results",
     "half_schedule",
+    "has_branch",
     "load_results",
     "load_run_time",
     "lr_steps",
@@ -63,8 +78,10 @@ __all__ = [
     "reduce_evaluations",
     "result_path",
     "results_markdown",
+    "retired_at",
     "run_decision",
     "run_dir",
+    "run_finished",
     "schedule_overrides",
     "sdpa_flop_jit",
     "summarize_arm",

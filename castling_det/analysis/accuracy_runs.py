@@ -1,9 +1,10 @@
-"""The BCCD accuracy ablation of ``tools/benchmark_accuracy.py``: schedules, run plans, result
-files and the report's tables.
+"""The BCCD accuracy ablation of ``castling_det.commands.benchmark_accuracy``: schedules, run
+plans, result files and the report's tables.
 
 A run is one (schedule, arm, seed). It trains in ``{work_dir}/{schedule}/{arm}-seed{seed}`` and,
 once it has ended, its result is stored in ``{results_dir}/{schedule}/{arm}-seed{seed}.json``.
-Everything here is plain data in and out (no model, no subprocess); the tool trains and plots.
+Everything here is plain data in and out (no model, no subprocess); the command trains, and
+accuracy_figures draws the figures.
 
 Schedules:
 
@@ -12,16 +13,14 @@ Schedules:
   evaluations, and a checkpoint at exactly S/2 iterations (the switching arm's teacher).
 """
 import json
-import math
 import os
 import re
 import statistics
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from .metrics_log import read_metrics
+from .branch_stats import branch_markdown
 
 __all__ = [
     "AblationError",
@@ -34,7 +33,6 @@ __all__ = [
     "checkpoint_name",
     "checkpoint_period",
     "curve_points",
-    "first_half_branch_stats",
     "format_mean_std",
     "group_results",
     "half_schedule",
@@ -49,6 +47,7 @@ __all__ = [
     "result_path",
     "results_markdown",
     "run_decision",
+    "run_finished",
     "run_dir",
     "schedule_overrides",
     "summarize_arm",
@@ -60,10 +59,7 @@ CURVE = "curve"
 RUN_TIME_FILE = "runner_time.json"
 # Written by castling_det.engine.SoftmaxBranchSwitch: one record per evaluation.
 SWITCH_FILE = "branch_switch.json"
-# A block "keeps" its softmax branch when more than this much mass survives the mask.
-KEPT_MASS_LIMIT = 0.05
 MAX_CHECKPOINT_PERIOD = 200
-_BLOCK_KEY = re.compile(r"branch/(mass|share)/block(\d+)")
 
 
 class AblationError(Exception):
@@ -245,7 +241,7 @@ def check_teacher(plan: RunPlan, teacher_command: str) -> None:
         )
 
 
-def _finished(plan: RunPlan) -> bool:
+def run_finished(plan: RunPlan) -> bool:
     """Whether the run trained to the end and was evaluated there (e.g. a run started by hand)."""
     switch_file = plan.output_dir / SWITCH_FILE
     if not (plan.output_dir / "model_final.pth").is_file() or not switch_file.is_file():
@@ -260,20 +256,27 @@ def run_decision(plan: RunPlan) -> str:
     ``last_checkpoint``) or ``"start"``."""
     if plan.result_file.is_file():
         return "skip"
-    if _finished(plan):
+    if run_finished(plan):
         return "collect"
     if (plan.output_dir / "last_checkpoint").is_file():
         return "resume"
     return "start"
 
 
+# A list that json.dumps(indent=1) spread over lines and that holds no list, object or string: a
+# list of numbers (or nulls). It starts with a newline, which no JSON string holds unescaped.
+_SPREAD_SCALAR_LIST = re.compile(r'\[(\n[^\[\]{}"]*)\]')
+
+
 def write_json_atomic(path, data) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file, so a kill leaves the old file
+    """Write ``data`` as indented JSON to ``path``, each list of numbers on one line (a branch
+    trajectory stays a few hundred lines), through a temporary file, so a kill leaves the old file
     or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = _SPREAD_SCALAR_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(data, indent=1))
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
 
 
@@ -317,52 +320,18 @@ def reduce_evaluations(records: Iterable[Dict]) -> List[Dict]:
     return [by_iteration[i] for i in sorted(by_iteration)]
 
 
-def first_half_branch_stats(metrics_file, own_iterations: int) -> Dict:
-    """Per castling block, the median kept mass and median branch share over the ``metrics.json``
-    records of the first half of training (iteration < own_iterations / 2), and how many blocks
-    keep more than 5 % of the mass.
-
-    Returns:
-        ``{"records": n, "blocks": {"block3": {"kept_mass": m, "share": s}, ...},
-        "blocks_kept_mass_above_5pct": k, "num_blocks": b}``; the last three are None when no
-        record of the first half has branch statistics (no castling block, or a run too short).
-    """
-    values = defaultdict(lambda: defaultdict(list))  # block -> "mass"/"share" -> values
-    records = 0
-    for record in read_metrics(str(metrics_file)):
-        if record["iteration"] >= own_iterations / 2:
-            continue
-        found = False
-        for key, value in record.items():
-            match = _BLOCK_KEY.fullmatch(key)
-            if match and isinstance(value, (int, float)) and math.isfinite(value):
-                values[int(match.group(2))][match.group(1)].append(float(value))
-                found = True
-        records += found
-    if not values:
-        return {"records": 0, "blocks": None, "blocks_kept_mass_above_5pct": None, "num_blocks": None}
-    blocks = {
-        f"block{index}": {
-            "kept_mass": statistics.median(values[index]["mass"]) if values[index]["mass"] else None,
-            "share": statistics.median(values[index]["share"]) if values[index]["share"] else None,
-        }
-        for index in sorted(values)
-    }
-    above = sum(1 for stats in blocks.values() if (stats["kept_mass"] or 0.0) > KEPT_MASS_LIMIT)
-    return {
-        "records": records, "blocks": blocks, "blocks_kept_mass_above_5pct": above, "num_blocks": len(blocks)
-    }
-
-
 def build_result(
     plan: RunPlan,
     evaluations: List[Dict],
     vit_gmacs: float,
     run_time: Dict,
     branch_stats: Dict,
+    branch_trajectory: Optional[Dict],
     machine: Dict,
 ) -> Dict:
-    """The result file of a finished run (see tools/benchmark_accuracy.py for the fields).
+    """The result file of a finished run (see castling_det.commands.benchmark_accuracy for the
+    fields; ``branch_stats`` and ``branch_trajectory`` as castling_det.analysis.branch_stats
+    computes them).
 
     Raises:
         AblationError: the run has no evaluation (``branch_switch.json`` empty).
@@ -387,6 +356,7 @@ def build_result(
         "segments": len(run_time["segments"]),
         "untimed_prior_run": run_time["untimed_prior_run"],
         "branch_first_half": branch_stats,
+        "branch_trajectory": branch_trajectory,
         "machine": machine,
         "commit": ", ".join(commits) if commits else "unknown (not run by the runner)",
     }
@@ -547,9 +517,10 @@ _NOTES = (
 
 def results_markdown(results: Iterable[Dict], arm_order: Sequence[str] = ()) -> str:
     """The report: per schedule, the learning-curve table (``curve``) or the ablation table, each
-    followed by the machines and commits that produced it."""
+    followed by the machines and commits that produced it; then the softmax branch's table."""
     lines = ["# BCCD accuracy ablation (Faster R-CNN, Castling-ViT-Ti)", ""]
-    for name, by_arm in group_results(results, arm_order).items():
+    grouped = group_results(results, arm_order)
+    for name, by_arm in grouped.items():
         schedule = parse_schedule(name)
         lines += [
             f"## {name}",
@@ -561,5 +532,5 @@ def results_markdown(results: Iterable[Dict], arm_order: Sequence[str] = ()) -> 
         ]
         lines += _curve_table(by_arm) if name == CURVE else _ablation_table(by_arm)
         lines += ["", *_provenance(r for runs in by_arm.values() for r in runs), ""]
-    lines += [_NOTES, ""]
+    lines += [_NOTES, "", *branch_markdown(grouped), ""]
     return "\n".join(lines)
