@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fused_attention import fused_attention_available, fused_linear_angular_attention
+
 __all__ = [
     "BRANCH_MASKS",
     "CONV_KINDS",
@@ -265,6 +267,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
+        fused: bool = True,
         eps: float = 1e-6,
     ):
         """
@@ -292,6 +295,11 @@ class LinearAngularAttention(_MultiHeadAttention):
             compile_tail: with the branch off and an fp32 or bf16 input, run
                 :func:`deployed_linear_angular_attention` through ``torch.compile`` (needs a C++
                 compiler on CPU, Triton on GPU). Off by default: the eager path is the reference.
+            fused: with the branch off and no gradient recorded, on CUDA tensors, run
+                :func:`~castling_det.modeling.fused_attention.fused_linear_angular_attention`
+                (two Triton kernels) when Triton is installed and the head dimension is one it
+                supports; otherwise, or when False, the eager reference. ``compile_tail`` takes
+                precedence.
             eps: lower clamp of every L2 norm.
         """
         super().__init__(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
@@ -318,6 +326,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         self.branch_stats: Optional[Dict[str, torch.Tensor]] = None
         self.eps = eps
         self.compile_tail = compile_tail
+        self.fused = fused
 
         self.linear_weight = nn.Parameter(torch.ones(num_heads, 1, 1)) if learn_linear_weight else None
 
@@ -343,15 +352,29 @@ class LinearAngularAttention(_MultiHeadAttention):
         in_use = self.training or self.branch_at_inference
         return in_use and self.softmax_branch and self.branch_scale > 0
 
+    def _fused_applies(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether :meth:`attend` runs the fused kernels: asked for, the branch off, inputs they
+        take (see :func:`~castling_det.modeling.fused_attention.fused_attention_available`), and
+        no gradient to record (the kernels have no backward pass)."""
+        if not self.fused or self._branch_active() or not fused_attention_available(q):
+            return False
+        tensors = [q, k, v, self.dwconv.weight]
+        if self.linear_weight is not None:
+            tensors.append(self.linear_weight)
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int):
         """The attention operator alone: per-head ``q, k, v`` of shape ``(B, heads, N, d)`` with
         ``N = height · width`` to the per-head output, same shape, in v's dtype."""
         self.branch_stats = None
+        deployed_args = dict(
+            conv_kind=self.conv_kind, height=height, width=width,
+            linear_weight=self.linear_weight, eps=self.eps,
+        )
         if self.compile_tail and not self._branch_active() and v.dtype in _WIDE_RANGE_DTYPES:
-            return _compiled_deployed_attention()(
-                q, k, v, self.dwconv.weight, conv_kind=self.conv_kind, height=height,
-                width=width, linear_weight=self.linear_weight, eps=self.eps,
-            )
+            return _compiled_deployed_attention()(q, k, v, self.dwconv.weight, **deployed_args)
+        if self._fused_applies(q, k, v):
+            return fused_linear_angular_attention(q, k, v, self.dwconv.weight, **deployed_args)
 
         # Written so that full-size temporaries die early and the tail works in place: in
         # inference the peak is about twice the q, k, v projection, whatever N is.

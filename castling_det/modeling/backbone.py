@@ -76,6 +76,7 @@ class Block(nn.Module):
         branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
+        fused: bool = True,
     ):
         """
         Args:
@@ -87,7 +88,7 @@ class Block(nn.Module):
             qkv_bias: whether the q, k, v projection has a bias.
             drop_path: stochastic depth rate of both residual branches.
             conv_kind, conv_kernel_size, learn_linear_weight, branch_mask, branch_threshold,
-            branch_topk, branch_chunk_size, softmax_branch, compile_tail: passed to
+            branch_topk, branch_chunk_size, softmax_branch, compile_tail, fused: passed to
                 :class:`LinearAngularAttention` (``"castling"`` only).
         """
         super().__init__()
@@ -113,6 +114,7 @@ class Block(nn.Module):
                 branch_chunk_size=branch_chunk_size,
                 softmax_branch=softmax_branch,
                 compile_tail=compile_tail,
+                fused=fused,
             )
         else:
             self.attn = SoftmaxAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
@@ -166,6 +168,7 @@ class CastlingViT(Backbone):
         branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
+        fused: bool = True,
         use_act_checkpoint: bool = False,
         out_features: Sequence[str] = ("last_feat",),
     ):
@@ -184,8 +187,8 @@ class CastlingViT(Backbone):
             qkv_bias: whether the q, k, v projections have a bias.
             drop_path_rate: stochastic depth rate, rising linearly from 0 to this over the blocks.
             conv_kind, conv_kernel_size, learn_linear_weight, branch_mask, branch_threshold,
-            branch_topk, branch_chunk_size, softmax_branch, compile_tail: settings of the
-                ``"castling"`` blocks, see
+            branch_topk, branch_chunk_size, softmax_branch, compile_tail, fused: settings of
+                the ``"castling"`` blocks, see
                 :class:`LinearAngularAttention`.
             use_act_checkpoint: recompute each block's activations in the backward pass
                 (saves memory in training, costs one more forward).
@@ -242,6 +245,7 @@ class CastlingViT(Backbone):
                 branch_chunk_size=branch_chunk_size,
                 softmax_branch=softmax_branch,
                 compile_tail=compile_tail,
+                fused=fused,
             )
             for kind, rate in zip(kinds, drop_rates)
         )

@@ -127,6 +127,7 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
         branch_chunk_size=c.BRANCH.CHUNK_SIZE or None,
         softmax_branch=c.BRANCH.ENABLED,
         compile_tail=c.COMPILE_TAIL,
+        fused=c.FUSED_DEPLOYED,
         use_act_checkpoint=c.USE_ACT_CHECKPOINT,
         out_features=out_features,
     )
