@@ -328,6 +328,11 @@ def test_markdown_table_holds_the_hand_computed_values():
     assert "| arm | seed | AP @ 300 | AP @ 600 | AP @ 1500 |" in lines
     assert "| softmax | 0 | 10.0 | 20.5 | — |" in lines
     assert "| castling-switch | 0 | — | — | 30.4 |" in lines
+    # The curve's final evaluations make an ablation table too (switching arm marked †).
+    curve_rows = lines[lines.index("## curve"):lines.index("## iters600")]
+    assert any(row.startswith("| softmax | softmax arm | 0 (1) | 10.0 ± — [10.0] |") for row in curve_rows)
+    assert any(row.startswith("| castling-switch † | castling-switch arm | 0 (1) | 30.4 ± — [30.4] |")
+               for row in curve_rows)
     assert "| window | window arm | 0 (1) | 45.0 ± — [45.0] | 80.0 | — | 10.50 | 1.00 | — | 600 | — * |" in lines
     assert ("| castling | castling arm | 0, 1, 2 (3) | 43.0 ± 3.6 [40.0, 42.0, 47.0] | 73.0 | +1.5 | 7.00 | 0.67 "
             "| 2/12, 3/12, 3/12 | 600 | 20.0 |") in lines

@@ -516,8 +516,9 @@ _NOTES = (
 
 
 def results_markdown(results: Iterable[Dict], arm_order: Sequence[str] = ()) -> str:
-    """The report: per schedule, the learning-curve table (``curve``) or the ablation table, each
-    followed by the machines and commits that produced it; then the softmax branch's table."""
+    """The report: per schedule, the ablation table of the final evaluations (for ``curve``
+    after the learning-curve table), each followed by the machines and commits that produced it;
+    then the softmax branch's table."""
     lines = ["# BCCD accuracy ablation (Faster R-CNN, Castling-ViT-Ti)", ""]
     grouped = group_results(results, arm_order)
     for name, by_arm in grouped.items():
@@ -530,7 +531,11 @@ def results_markdown(results: Iterable[Dict], arm_order: Sequence[str] = ()) -> 
             + (" Box AP, branch off, at each evaluation (total iterations)." if name == CURVE else ""),
             "",
         ]
-        lines += _curve_table(by_arm) if name == CURVE else _ablation_table(by_arm)
+        if name == CURVE:
+            # The curve schedule is also the ablation's converged one: its last evaluations
+            # make a table of their own beside the curves.
+            lines += _curve_table(by_arm) + ["", f"At iteration {schedule.max_iter}:", ""]
+        lines += _ablation_table(by_arm)
         lines += ["", *_provenance(r for runs in by_arm.values() for r in runs), ""]
     lines += [_NOTES, "", *branch_markdown(grouped), ""]
     return "\n".join(lines)
