@@ -1,5 +1,6 @@
 """castling_det as another Detectron2 project uses it: a wheel installed in a fresh virtual
 environment, configs found through the package, Detectron2's own trainer and predictor."""
+import os
 import subprocess
 import sys
 import sysconfig
@@ -60,8 +61,10 @@ INSTALLED_COMMANDS = (
 
 
 def test_wheel_in_a_fresh_venv_gives_configs_trainer_predictor_and_commands(tmp_path):
+    # Without PYTHONPATH, which could put a checkout ahead of the installed wheel.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     run = lambda *cmd, **kw: subprocess.run(  # noqa: E731
-        [str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kw
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=600, env=env, **kw
     )
     built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", REPO)
     assert built.returncode == 0, built.stderr[-3000:]
