@@ -94,6 +94,9 @@ def add_castling_config(cfg: CN) -> CN:
     c.BRANCH.RELATIVE_THRESHOLD = 1.0
     # Weights kept per query by the "topk" mask.
     c.BRANCH.TOPK = 32
+    # Multiply the branch by N: a sum over tokens like the linear term q(k^T v), where the
+    # paper's branch, a weighted average of v, is about 1/N of it (its share stays near 1 %).
+    c.BRANCH.AS_SUM = False
     # Queries per chunk when computing the branch (exact; bounds its memory); 0: all at once.
     c.BRANCH.CHUNK_SIZE = 512
     # Final weight of the L1 penalty on the softmax mass the mask keeps (loss_branch_l1). Meant

@@ -251,11 +251,9 @@ def test_deployed_backbone_forms_no_quadratic_tensor(options):
     assert numel_on >= num_tokens * num_tokens, shape_on
 
 
-def test_branch_scale_between_zero_and_one_scales_the_branch_term():
-    """What annealing does mid-way: the sum before the normalisation holds scale x the branch."""
-    module = LinearAngularAttention(dim=32, num_heads=2, conv_kind="grid", conv_kernel_size=3)
-    module.train()
-    q, k, v = (torch.randn(1, 2, 12, 16) * 2 for _ in range(3))
+def _terms_in_float64(module, q, k, v):
+    """For a 2-head, 32-wide grid-conv module on a 3 x 4 token grid: v and the linear term, the
+    branch (absolute mask 0.02) and the convolution, in float64."""
     q64, k64, v64 = q.double(), k.double(), v.double()
     attn = torch.softmax(q64 @ k64.transpose(-2, -1) / 4.0, dim=-1)
     branch = (attn * (attn > 0.02)) @ v64
@@ -263,6 +261,15 @@ def test_branch_scale_between_zero_and_one_scales_the_branch_term():
     conv = F.conv2d(
         v64.transpose(-2, -1).reshape(1, 32, 3, 4), module.dwconv.weight.double(), padding=1, groups=32
     ).reshape(1, 2, 16, 12).transpose(-2, -1)
+    return v64, linear, branch, conv
+
+
+def test_branch_scale_between_zero_and_one_scales_the_branch_term():
+    """What annealing does mid-way: the sum before the normalisation holds scale x the branch."""
+    module = LinearAngularAttention(dim=32, num_heads=2, conv_kind="grid", conv_kernel_size=3)
+    module.train()
+    q, k, v = (torch.randn(1, 2, 12, 16) * 2 for _ in range(3))
+    v64, linear, branch, conv = _terms_in_float64(module, q, k, v)
     outputs = {}
     for scale in (0.0, 0.3, 1.0):
         module.branch_scale = scale
@@ -271,3 +278,25 @@ def test_branch_scale_between_zero_and_one_scales_the_branch_term():
         expected = F.normalize(0.5 * v64 + linear + scale * branch, dim=-1) + conv
         torch.testing.assert_close(outputs[scale], expected, rtol=0, atol=1e-5)
     assert (outputs[0.3] - outputs[0.0]).abs().max() > 1e-3 and (outputs[1.0] - outputs[0.3]).abs().max() > 1e-3
+
+
+def test_branch_as_sum_multiplies_the_branch_by_the_token_count(make_castling_cfg):
+    """The reference's branch is an average of v; as a sum it is N times that, before the
+    normalisation, at any branch scale."""
+    module = LinearAngularAttention(dim=32, num_heads=2, conv_kind="grid", conv_kernel_size=3, branch_as_sum=True)
+    module.train()
+    q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    v64, linear, branch, conv = _terms_in_float64(module, q, k, v)
+    for scale in (0.5, 1.0):
+        module.branch_scale = scale
+        with torch.no_grad():
+            out = module.attend(q, k, v, 3, 4).double()
+        expected = F.normalize(0.5 * v64 + linear + scale * 12 * branch, dim=-1) + conv
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+    from detectron2.layers import ShapeSpec
+    from castling_det import build_castling_vit_backbone
+
+    cfg = make_castling_cfg()
+    cfg.MODEL.CASTLING.BRANCH.AS_SUM = True
+    assert all(b.attn.branch_as_sum for b in build_castling_vit_backbone(cfg, ShapeSpec(channels=3)).blocks)

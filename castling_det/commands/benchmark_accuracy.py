@@ -114,6 +114,10 @@ ARMS: Dict[str, Arm] = {
         "castling without the softmax branch", (*_CASTLING, "MODEL.CASTLING.BRANCH.ENABLED", "False")
     ),
     "castling-relative": Arm("castling, relative mask (A >= 1/N), no L1", (*_CASTLING, *_RELATIVE)),
+    "castling-relative-sum": Arm(
+        "castling-relative with the branch times N (a sum like the linear term)",
+        (*_CASTLING, *_RELATIVE, "MODEL.CASTLING.BRANCH.AS_SUM", "True"),
+    ),
     "castling-topk": Arm(
         "castling, top-32 mask, no L1",
         (*_CASTLING, "MODEL.CASTLING.BRANCH.MASK", "topk", "MODEL.CASTLING.BRANCH.TOPK", "32", *_NO_L1),

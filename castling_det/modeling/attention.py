@@ -264,6 +264,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         branch_mask: str = "absolute",
         branch_threshold: float = 0.02,
         branch_topk: int = 32,
+        branch_as_sum: bool = False,
         branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
@@ -289,6 +290,10 @@ class LinearAngularAttention(_MultiHeadAttention):
             branch_threshold: the mask's threshold: a softmax weight for ``"absolute"``, a
                 multiple of the uniform weight ``1/N`` for ``"relative"``.
             branch_topk: weights kept per query by a ``"topk"`` mask.
+            branch_as_sum: multiply the branch by N, making it a sum over the tokens like
+                ``q̂(k̂ᵀv)`` instead of the reference's weighted average of v, which is about 1/N
+                of the linear term: even with half the softmax mass kept, its share of the sum
+                stays near 1 %.
             branch_chunk_size: queries per chunk in the softmax branch (None: all at once).
             softmax_branch: whether the auxiliary softmax branch is on in training at construction
                 (in eval mode it is off unless switched on explicitly).
@@ -319,6 +324,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         self.branch_mask = branch_mask
         self.branch_threshold = branch_threshold
         self.branch_topk = branch_topk
+        self.branch_as_sum = branch_as_sum
         self.branch_chunk_size = branch_chunk_size
         self.softmax_branch = softmax_branch
         self.branch_at_inference = False
@@ -393,7 +399,8 @@ class LinearAngularAttention(_MultiHeadAttention):
                 q, k, v, threshold=self.branch_threshold, mask=self.branch_mask,
                 topk=self.branch_topk, chunk_size=self.branch_chunk_size,
             )
-            branch = branch.to(acc) * self.branch_scale
+            gain = self.branch_scale * (q.shape[-2] if self.branch_as_sum else 1)
+            branch = branch.to(acc) * gain
             if self.training:
                 share = branch.norm(dim=-1) / (total + branch).norm(dim=-1).clamp_min(1e-12)
                 self.branch_stats = {"mass": kept_mass, "share": share.mean().detach()}

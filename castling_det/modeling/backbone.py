@@ -73,6 +73,7 @@ class Block(nn.Module):
         branch_mask: str = "absolute",
         branch_threshold: float = 0.02,
         branch_topk: int = 32,
+        branch_as_sum: bool = False,
         branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
@@ -88,7 +89,7 @@ class Block(nn.Module):
             qkv_bias: whether the q, k, v projection has a bias.
             drop_path: stochastic depth rate of both residual branches.
             conv_kind, conv_kernel_size, learn_linear_weight, branch_mask, branch_threshold,
-            branch_topk, branch_chunk_size, softmax_branch, compile_tail, fused: passed to
+            branch_topk, branch_as_sum, branch_chunk_size, softmax_branch, compile_tail, fused: passed to
                 :class:`LinearAngularAttention` (``"castling"`` only).
         """
         super().__init__()
@@ -111,6 +112,7 @@ class Block(nn.Module):
                 branch_mask=branch_mask,
                 branch_threshold=branch_threshold,
                 branch_topk=branch_topk,
+                branch_as_sum=branch_as_sum,
                 branch_chunk_size=branch_chunk_size,
                 softmax_branch=softmax_branch,
                 compile_tail=compile_tail,
@@ -165,6 +167,7 @@ class CastlingViT(Backbone):
         branch_mask: str = "absolute",
         branch_threshold: float = 0.02,
         branch_topk: int = 32,
+        branch_as_sum: bool = False,
         branch_chunk_size: Optional[int] = 512,
         softmax_branch: bool = True,
         compile_tail: bool = False,
@@ -187,7 +190,7 @@ class CastlingViT(Backbone):
             qkv_bias: whether the q, k, v projections have a bias.
             drop_path_rate: stochastic depth rate, rising linearly from 0 to this over the blocks.
             conv_kind, conv_kernel_size, learn_linear_weight, branch_mask, branch_threshold,
-            branch_topk, branch_chunk_size, softmax_branch, compile_tail, fused: settings of
+            branch_topk, branch_as_sum, branch_chunk_size, softmax_branch, compile_tail, fused: settings of
                 the ``"castling"`` blocks, see
                 :class:`LinearAngularAttention`.
             use_act_checkpoint: recompute each block's activations in the backward pass
@@ -242,6 +245,7 @@ class CastlingViT(Backbone):
                 branch_mask=branch_mask,
                 branch_threshold=branch_threshold,
                 branch_topk=branch_topk,
+                branch_as_sum=branch_as_sum,
                 branch_chunk_size=branch_chunk_size,
                 softmax_branch=softmax_branch,
                 compile_tail=compile_tail,

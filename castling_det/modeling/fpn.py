@@ -124,6 +124,7 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
             c.BRANCH.RELATIVE_THRESHOLD if c.BRANCH.MASK == "relative" else c.BRANCH.THRESHOLD
         ),
         branch_topk=c.BRANCH.TOPK,
+        branch_as_sum=c.BRANCH.AS_SUM,
         branch_chunk_size=c.BRANCH.CHUNK_SIZE or None,
         softmax_branch=c.BRANCH.ENABLED,
         compile_tail=c.COMPILE_TAIL,
