@@ -187,6 +187,28 @@ def test_run_skips_stored_results_without_training(tmp_path, monkeypatch, capsys
     assert "skip iters8 castling seed 0" in out and "skip iters8 softmax seed 0" in out
 
 
+def test_train_runs_train_net_with_the_thread_count_and_records_it(tmp_path, monkeypatch):
+    launched = []
+
+    class FinishedProcess:
+        def __init__(self, command, cwd, env):
+            launched.append((command, env))
+
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(tool, "git_commit", lambda: "abc")
+    monkeypatch.setattr(tool.subprocess, "Popen", FinishedProcess)
+    plan = plan_run(tool.ARMS, "castling", parse_schedule("iters8"), 0, tmp_path, tmp_path / "runs")
+    tool.train(plan, "bccd", resume=False, threads=1)
+    (command, env), = launched
+    assert env["OMP_NUM_THREADS"] == "1" and command[1] == tool.TRAIN_NET
+    assert [segment["threads"] for segment in load_run_time(plan.output_dir)["segments"]] == [1]
+
+
 def test_missing_data_root_is_named(tmp_path):
     with pytest.raises(AblationError, match=f"{tmp_path / 'nowhere'}.*train"):
         tool.check_data_root(str(tmp_path / "nowhere"))
@@ -273,11 +295,12 @@ def test_run_time_and_result_fields(tmp_path):
     plan.output_dir.mkdir(parents=True)
     (plan.output_dir / "metrics.json").write_text(_metrics_line(1) + "\n")  # trained by hand
     assert load_run_time(plan.output_dir)["untimed_prior_run"] is True
-    run_time = {"segments": [{"commit": "abc", "seconds": 100.0}, {"commit": "abc", "seconds": 20.5},
-                             {"commit": "def-dirty", "seconds": 1.0}], "untimed_prior_run": False}
+    run_time = {"segments": [{"commit": "abc", "seconds": 100.0}, {"commit": "abc", "seconds": 20.5, "threads": 1},
+                             {"commit": "def-dirty", "seconds": 1.0, "threads": 2}], "untimed_prior_run": False}
     evaluations = [{"iteration": 8, "branch_off": {"AP": 1.0, "AP50": 2.0}}]
     result = build_result(plan, evaluations, 6.5, run_time, {"records": 0}, None, {"cpus": 2})
     assert (result["wall_seconds"], result["segments"], result["commit"]) == (121.5, 3, "abc, def-dirty")
+    assert result["segment_threads"] == [None, 1, 2]
     assert (result["total_iterations"], result["own_iterations"]) == (16, 8)
     assert result["final"] == evaluations[-1] and result["overrides"] == plan.overrides
     assert result["extra_opts"] == []
@@ -297,7 +320,7 @@ MACHINE = {"model_name": "Test CPU", "cpus": 2, "avx512f": True, "amx_tile": Fal
 
 
 def _result(arm, seed, ap_off, ap50_off, gmacs, schedule="iters600", ap_on=None, kept=None, wall=600.0,
-            untimed=False, evaluations=None, own=600, total=600, extra_opts=()):
+            untimed=False, evaluations=None, own=600, total=600, extra_opts=(), threads=(None,)):
     final = {"iteration": own, "branch_off": {"AP": ap_off, "AP50": ap50_off}}
     if ap_on is not None:
         final["branch_on"] = {"AP": ap_on, "AP50": 0.0}
@@ -305,7 +328,8 @@ def _result(arm, seed, ap_off, ap50_off, gmacs, schedule="iters600", ap_on=None,
         else {"records": 0, "blocks": None, "blocks_kept_mass_above_5pct": None, "num_blocks": None}
     return {"arm": arm, "description": f"{arm} arm", "schedule": schedule, "seed": seed,
             "total_iterations": total, "own_iterations": own, "evaluations": evaluations or [final],
-            "final": final, "vit_gmacs_640x480": gmacs, "wall_seconds": wall, "segments": 1,
+            "final": final, "vit_gmacs_640x480": gmacs, "wall_seconds": wall, "segments": len(threads),
+            "segment_threads": list(threads),
             "untimed_prior_run": untimed, "branch_first_half": stats, "machine": MACHINE, "commit": "abc123",
             "extra_opts": list(extra_opts)}
 
@@ -317,7 +341,9 @@ def test_markdown_table_holds_the_hand_computed_values():
         # 7.0 / 10.5 = 0.67 of the window arm's GMACs; walls 10, 20, 30 min -> 20.0.
         _result("castling", 2, 47.0, 77.0, 7.0, ap_on=48.5, kept=(3, 12), wall=1800.0),
         _result("castling", 0, 40.0, 70.0, 7.0, ap_on=41.0, kept=(2, 12), wall=600.0),
-        _result("castling", 1, 42.0, 72.0, 7.0, ap_on=44.0, kept=(3, 12), wall=1200.0),
+        _result("castling", 1, 42.0, 72.0, 7.0, ap_on=44.0, kept=(3, 12), wall=1200.0, threads=(2, 2)),
+        # A run trained in part with 1 thread on 2 CPUs: its minutes are marked ‡.
+        _result("softmax", 0, 41.0, 71.0, 13.0, wall=3000.0, threads=(2, 1)),
         _result("softmax", 0, 10.0, 0.0, 13.0, schedule="curve", own=2400, total=2400, evaluations=[
             {"iteration": 300, "branch_off": {"AP": 10.0}}, {"iteration": 600, "branch_off": {"AP": 20.5}}]),
         _result("castling-switch", 0, 30.4, 0.0, 7.0, schedule="curve", own=1200, total=2400, evaluations=[
@@ -336,6 +362,7 @@ def test_markdown_table_holds_the_hand_computed_values():
     assert "| window | window arm | 0 (1) | 45.0 ± — [45.0] | 80.0 | — | 10.50 | 1.00 | — | 600 | — * |" in lines
     assert ("| castling | castling arm | 0, 1, 2 (3) | 43.0 ± 3.6 [40.0, 42.0, 47.0] | 73.0 | +1.5 | 7.00 | 0.67 "
             "| 2/12, 3/12, 3/12 | 600 | 20.0 |") in lines
+    assert "| softmax | softmax arm | 0 (1) | 41.0 ± — [41.0] | 71.0 | — | 13.00 | 1.24 | — | 600 | 50.0 ‡ |" in lines
     assert lines.index("| window | window arm | 0 (1) | 45.0 ± — [45.0] | 80.0 | — | 10.50 | 1.00 | — | 600 | — * |") \
         < [i for i, line in enumerate(lines) if line.startswith("| castling | ")][0]  # the table's arm order
     assert "Machine(s): Test CPU, 2 CPUs (avx512f yes, amx_tile no)." in lines
@@ -505,6 +532,10 @@ def test_command_line_keeps_its_interface():
                                                  str(REPO / "docs/benchmarks/bccd/runs"))
     args = parser.parse_args(["run", "--schedule", "iters8", "--arms", "softmax", "--seeds", "1", "--", "SEED", "3"])
     assert args.opts == ["--", "SEED", "3"]
+    assert parser.parse_args(["run", "--schedule", "curve", "--arms", "softmax", "--seeds", "0",
+                              "--threads", "1"]).threads == 1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--schedule", "curve", "--arms", "softmax", "--seeds", "0", "--threads", "0"])
     assert parser.parse_args(["report"]).output_dir == str(REPO / "docs/benchmarks/bccd")
     helped = subprocess.run([sys.executable, "tools/benchmark_accuracy.py", "--help"], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)

@@ -281,7 +281,8 @@ def write_json_atomic(path, data) -> None:
 
 
 def load_run_time(output_dir) -> Dict:
-    """The run's timed segments ``{"segments": [{"commit", "seconds"}, ...], "untimed_prior_run"}``.
+    """The run's timed segments ``{"segments": [{"commit", "seconds", "threads"}, ...],
+    "untimed_prior_run"}`` (segments timed before threads were recorded lack ``threads``).
 
     Without a ``runner_time.json``, a folder that already holds training output was trained
     outside the runner (started by hand): that time is unknown, so ``untimed_prior_run`` is True.
@@ -354,6 +355,8 @@ def build_result(
         "vit_gmacs_640x480": vit_gmacs,
         "wall_seconds": sum(segment["seconds"] for segment in run_time["segments"]),
         "segments": len(run_time["segments"]),
+        # None: a segment timed before the runner recorded its thread count (it used all CPUs).
+        "segment_threads": [segment.get("threads") for segment in run_time["segments"]],
         "untimed_prior_run": run_time["untimed_prior_run"],
         "branch_first_half": branch_stats,
         "branch_trajectory": branch_trajectory,
@@ -411,7 +414,8 @@ def summarize_arm(results: Sequence[Dict]) -> Dict:
         ``ap_std`` (None for one seed), ``ap50_mean``, ``gap_mean`` (branch on minus off, over the
         seeds evaluated both ways; None if none), ``gmacs``, ``kept_blocks`` (``"k/num"`` per seed,
         None without branch statistics), ``total_iterations``, ``minutes`` (mean wall time of the
-        fully timed runs; None if none), ``untimed`` and ``switched`` flags.
+        fully timed runs; None if none), ``untimed``, ``switched`` and ``fewer_threads`` (part of
+        a run trained with fewer threads than CPUs) flags.
     """
     finals = [result["final"] for result in results]
     ap = [final["branch_off"]["AP"] for final in finals]
@@ -437,6 +441,10 @@ def summarize_arm(results: Sequence[Dict]) -> Dict:
         "total_iterations": sorted({result["total_iterations"] for result in results}),
         "minutes": statistics.mean(timed) / 60 if timed else None,
         "untimed": len(timed) < len(results),
+        "fewer_threads": any(
+            threads is not None and threads < result["machine"]["cpus"]
+            for result in results for threads in result.get("segment_threads", ())
+        ),
         "switched": any(result["total_iterations"] != result["own_iterations"] for result in results),
     }
 
@@ -501,7 +509,8 @@ def _ablation_table(by_arm: Dict[str, List[Dict]]) -> List[str]:
             f"| {s['arm']}{' †' if s['switched'] else ''} | {s['description']} "
             f"| {', '.join(map(str, s['seeds']))} ({len(s['seeds'])}) | {format_mean_std(s['ap'])} "
             f"| {s['ap50_mean']:.1f} | {gap} | {s['gmacs']:.2f} | {ratio} | {kept} "
-            f"| {', '.join(map(str, s['total_iterations']))} | {minutes}{' *' if s['untimed'] else ''} |"
+            f"| {', '.join(map(str, s['total_iterations']))} "
+            f"| {minutes}{' *' if s['untimed'] else ''}{' ‡' if s['fewer_threads'] else ''} |"
         )
     return lines
 
@@ -511,7 +520,9 @@ _NOTES = (
     "sample std over seeds (— for one seed). GMACs are fvcore multiply-adds of the ViT alone on one "
     "640×480 image, branch off. † trained from its teacher's checkpoint at half the schedule: "
     "total iterations include the teacher's, minutes do not. * part of the run was trained outside "
-    "the runner and is not timed: the minutes average only fully timed runs."
+    "the runner and is not timed: the minutes average only fully timed runs. ‡ trained (in part) "
+    "with fewer threads than CPUs, e.g. two 1-thread runs side by side on 2 CPUs: its minutes "
+    "are those of a shared machine, longer than a run's alone."
 )
 
 

@@ -17,7 +17,7 @@ extra_opts (those given on the command line), total_iterations (a switching arm'
 included), own_iterations, teacher_checkpoint, evaluations ({iteration, branch_off: {AP, AP50},
 branch_on: ...}), final, vit_gmacs_640x480 (ViT multiply-adds on one 640x480 image, branch off),
 wall_seconds and segments (train + eval time, summed over the runner's segments; runner_time.json
-in the run's folder is updated every 30 s), untimed_prior_run, branch_first_half (median kept mass
+in the run's folder is updated every 30 s), segment_threads (each segment's ``--threads``), untimed_prior_run, branch_first_half (median kept mass
 and share per castling block over the first half of training), branch_trajectory (kept mass and
 share per block, branch scale and L1 weight, at up to 100 logged iterations; null without a
 branch; format in castling_det.analysis.branch_stats.branch_trajectory), machine and commit.
@@ -238,17 +238,22 @@ def vit_gmacs_640x480(output_dir: Path) -> float:
         return count_gflops(model, [image], modules=("backbone.net",))["backbone.net"]
 
 
-def train(plan: RunPlan, data_root: str, resume: bool) -> None:
-    """Run train_net for ``plan``, saving the segment's wall time to runner_time.json every
-    TIME_SAVE_SECONDS and when it ends (also when the runner is interrupted, which ends it)."""
+def train(plan: RunPlan, data_root: str, resume: bool, threads: int) -> None:
+    """Run train_net for ``plan`` with ``threads`` intra-op threads, saving the segment's wall
+    time to runner_time.json every TIME_SAVE_SECONDS and when it ends (also when the runner is
+    interrupted, which ends it)."""
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     run_time = load_run_time(plan.output_dir)
-    segment = {"commit": git_commit(), "seconds": 0.0}
+    segment = {"commit": git_commit(), "seconds": 0.0, "threads": threads}
     run_time["segments"].append(segment)
     time_file = plan.output_dir / RUN_TIME_FILE
     write_json_atomic(time_file, run_time)
     start = time.monotonic()
-    process = subprocess.Popen(train_command(data_root, plan.overrides, resume), cwd=REPO)
+    process = subprocess.Popen(
+        train_command(data_root, plan.overrides, resume),
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     try:
         while True:
             try:
@@ -327,7 +332,7 @@ def run_series(args) -> None:
                 f"--data-root {data_root}",
             )
             print(f"[benchmark_accuracy] {decision} {label} in {plan.output_dir}", flush=True)
-            train(plan, data_root, resume=decision == "resume")
+            train(plan, data_root, resume=decision == "resume", threads=args.threads)
         else:
             print(f"[benchmark_accuracy] {label} finished but not recorded: recording it", flush=True)
         record(plan, machine)
@@ -369,6 +374,14 @@ def report(args) -> None:
     print(f"[benchmark_accuracy] branch.png: {', '.join(drawn) or 'no run with a softmax branch'}", flush=True)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def argument_parser() -> argparse.ArgumentParser:
     """The ``run``, ``record`` and ``report`` subcommands."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -383,6 +396,11 @@ def argument_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--data-root", default=str(REPO.parent / "shared/datasets/bccd"))
     run_parser.add_argument("--work-dir", default=str(REPO / "output/benchmark_accuracy"))
     run_parser.add_argument("--results-dir", default=str(REPO / RESULTS_DIR))
+    run_parser.add_argument(
+        "--threads", type=positive_int, default=torch.get_num_threads(),
+        help="intra-op threads of each train_net (default: PyTorch's, here %(default)s); two "
+        "runners with --threads 1 train two runs side by side on a 2-CPU machine",
+    )
     run_parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides added to every run")
     record_parser = commands.add_parser(
         "record", help="rewrite the stored results from the finished runs' folders (no training)"
