@@ -69,8 +69,9 @@ def add_castling_config(cfg: CN) -> CN:
     # With the branch off (deployed) and fp32/bf16 inputs, run the attention through
     # torch.compile's fused kernels (needs a C++ compiler on CPU). False: the eager reference.
     c.COMPILE_TAIL = False
-    # With the branch off, at inference on a CUDA GPU with Triton installed, run the attention as
-    # two fused Triton kernels (head dims 16, 32, 64, 128; any dtype). False: the eager reference.
+    # With the branch off, at inference, run the fused deployed attention: on a CUDA GPU with
+    # Triton installed two Triton kernels (head dims 16, 32, 64, 128; any dtype), on CPU the
+    # blocked operator (one cache-sized block of tokens at a time). False: the eager reference.
     c.FUSED_DEPLOYED = True
     # Recompute block activations in the backward pass to save memory.
     c.USE_ACT_CHECKPOINT = False

@@ -27,8 +27,14 @@ __all__ = [
 
 # The baseline every operator is timed against: its two matmuls, nothing else.
 MATMULS = "two matmuls q(k^T v)"
-# The operators by the names the tools' options give them.
-OPERATOR_PATHS = {"eager": "castling eager", "compiled": "castling compiled", "sdpa": "softmax SDPA"}
+# The operators by the names the tools' options give them. "fused" is the deployed default
+# (FUSED_DEPLOYED): the blocked operator on CPU, the Triton kernels on CUDA; "eager" the reference.
+OPERATOR_PATHS = {
+    "eager": "castling eager",
+    "fused": "castling fused",
+    "compiled": "castling compiled",
+    "sdpa": "softmax SDPA",
+}
 
 
 def token_side(tokens: int, option: str) -> int:
@@ -59,10 +65,10 @@ def operator_candidates(
     cast to ``x``'s dtype; call the candidates under ``torch.inference_mode()``."""
     side = x.shape[1]
     castling = copy.deepcopy(castling).to(x.dtype)
-    modules = {"eager": castling, "sdpa": copy.deepcopy(softmax).to(x.dtype)}
-    if "compiled" in paths:
-        modules["compiled"] = copy.deepcopy(castling)
-        modules["compiled"].compile_tail = True
+    modules = {"sdpa": copy.deepcopy(softmax).to(x.dtype)}
+    for path, fused, compiled in (("eager", False, False), ("fused", True, False), ("compiled", False, True)):
+        modules[path] = copy.deepcopy(castling)
+        modules[path].fused, modules[path].compile_tail = fused, compiled
     with torch.inference_mode():
         q, k, v = castling._project_qkv(x)
     candidates = {MATMULS: lambda: torch.matmul(q, torch.matmul(k.transpose(-2, -1), v))}
@@ -87,12 +93,12 @@ def bench_operator(
     warmup: int = 2, repeats: int = 5,
 ) -> List[dict]:
     """Rows of the operator task: per dtype (keys of :data:`DTYPES`), the latency and peak memory
-    of :data:`MATMULS`, eager Castling, softmax SDPA (and ``compiled`` Castling), and the peak
+    of :data:`MATMULS`, eager and fused Castling, softmax SDPA (and ``compiled`` Castling), and the peak
     memory of each whole layer (under autocast); then the peak memory of the training-time
     branch (forward and backward, fp32), chunked as configured against naive."""
     side = token_side(tokens, "--operator-tokens")
     castling, softmax = attention_pair(dim, heads, device)
-    paths = ["eager", "sdpa"] + (["compiled"] if compiled else [])
+    paths = ["eager", "fused", "sdpa"] + (["compiled"] if compiled else [])
     common = {"tokens": tokens, "dim": dim}
     rows = []
     for dtype_name in dtypes:
@@ -122,7 +128,7 @@ def normalised_error(module: LinearAngularAttention, x: torch.Tensor, dtype: tor
     own, not the projection's."""
     side = x.shape[1]
     reference_module = copy.deepcopy(module).double()
-    reference_module.compile_tail = False
+    reference_module.compile_tail = reference_module.fused = False  # the eager reference
     low = copy.deepcopy(module).to(dtype)
     with torch.inference_mode():
         q, k, v = (t.to(dtype) for t in low._project_qkv(x.to(dtype)))
@@ -135,8 +141,8 @@ def bench_accuracy(
     tokens: int, dim: int, heads: int, large_tokens: int, device, *, compiled: bool = True
 ) -> List[dict]:
     """Rows of the accuracy task: :func:`normalised_error` in bf16 and fp16 at ``tokens`` tokens
-    (eager, and ``compiled``), and in fp16 at ``large_tokens`` (eager). The depthwise convolution
-    is zeroed, so the error is that of the normalised sum alone."""
+    (eager, fused, and ``compiled``), and in fp16 at ``large_tokens`` (eager and fused). The
+    depthwise convolution is zeroed, so the error is that of the normalised sum alone."""
     side = token_side(tokens, "--operator-tokens")
     large_side = token_side(large_tokens, "--large-tokens")
     castling, _ = attention_pair(dim, heads, device)
@@ -144,13 +150,15 @@ def bench_accuracy(
         castling.dwconv.weight.zero_()
     rows = []
     x = torch.randn(1, side, side, dim, device=device)
-    for path in ["eager"] + (["compiled"] if compiled else []):
-        castling.compile_tail = path == "compiled"
-        for dtype_name in ("bf16", "fp16"):
-            error, finite = normalised_error(castling, x, DTYPES[dtype_name])
-            rows.append({"path": path, "dtype": dtype_name, "tokens": tokens, "rel_error": error, "finite": finite})
-    castling.compile_tail = False
-    x = torch.randn(1, large_side, large_side, dim, device=device)
-    error, finite = normalised_error(castling, x, torch.float16)
-    rows.append({"path": "eager", "dtype": "fp16", "tokens": large_tokens, "rel_error": error, "finite": finite})
+    large_x = torch.randn(1, large_side, large_side, dim, device=device)
+    for path in ["eager", "fused"] + (["compiled"] if compiled else []):
+        castling.fused, castling.compile_tail = path == "fused", path == "compiled"
+        cases = [(x, tokens, dtype_name) for dtype_name in ("bf16", "fp16")]
+        if path != "compiled":  # fp16 is not the compiled form's (its range)
+            cases.append((large_x, large_tokens, "fp16"))
+        for inputs, num_tokens, dtype_name in cases:
+            error, finite = normalised_error(castling, inputs, DTYPES[dtype_name])
+            rows.append(
+                {"path": path, "dtype": dtype_name, "tokens": num_tokens, "rel_error": error, "finite": finite}
+            )
     return rows

@@ -52,6 +52,14 @@ DEFAULT_VARIANTS = [
 ]
 
 
+# --SUFFIX-variants NAME adds NAME-SUFFIX, the variant with this override: the compiled tail, or
+# the eager reference operator in place of the fused default.
+EXTRA_VARIANTS = {
+    "compiled": ("MODEL.CASTLING.COMPILE_TAIL", "True"),
+    "eager": ("MODEL.CASTLING.FUSED_DEPLOYED", "False"),
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="output/benchmark", help="default: output/benchmark")
@@ -68,10 +76,11 @@ def parse_args(argv=None):
         "--max-size", nargs="+", default=[], metavar="NAME=SIZE",
         help="skip a variant's backbone above this size (e.g. softmax=1024 where 2048 takes minutes)",
     )
-    parser.add_argument(
-        "--compiled-variants", nargs="+", default=[], metavar="NAME",
-        help="also run these variants with MODEL.CASTLING.COMPILE_TAIL True, as NAME-compiled",
-    )
+    for suffix, (key, value) in EXTRA_VARIANTS.items():
+        parser.add_argument(
+            f"--{suffix}-variants", nargs="+", default=[], metavar="NAME",
+            help=f"also run these variants with {key} {value}, as NAME-{suffix}",
+        )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -89,9 +98,10 @@ def parse_args(argv=None):
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     args.max_size = {name: int(size) for name, size in _pairs(parser, args.max_size, "--max-size").items()}
-    unknown = [name for name in args.compiled_variants if name not in args.variants]
-    if unknown:
-        parser.error(f"--compiled-variants: {unknown} not among the variants {sorted(args.variants)}")
+    for suffix in EXTRA_VARIANTS:
+        unknown = [name for name in getattr(args, f"{suffix}_variants") if name not in args.variants]
+        if unknown:
+            parser.error(f"--{suffix}-variants: {unknown} not among the variants {sorted(args.variants)}")
     return args
 
 
@@ -120,11 +130,13 @@ def _config_path(config: str) -> str:
 
 
 def build_models(args) -> Dict[str, torch.nn.Module]:
-    """Every variant's deployed detector, and NAME-compiled for each of ``--compiled-variants``."""
+    """Every variant's deployed detector, and NAME-SUFFIX for each NAME of ``--SUFFIX-variants``
+    (SUFFIX a key of :data:`EXTRA_VARIANTS`)."""
     models = {name: build_deployed_variant(path, args.opts, args.device) for name, path in args.variants.items()}
-    for name in args.compiled_variants:
-        opts = args.opts + ["MODEL.CASTLING.COMPILE_TAIL", "True"]
-        models[f"{name}-compiled"] = build_deployed_variant(args.variants[name], opts, args.device)
+    for suffix, override in EXTRA_VARIANTS.items():
+        for name in getattr(args, f"{suffix}_variants"):
+            opts = args.opts + list(override)
+            models[f"{name}-{suffix}"] = build_deployed_variant(args.variants[name], opts, args.device)
     return models
 
 

@@ -29,7 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--path", choices=sorted(OPERATOR_PATHS), nargs="+", default=["eager", "compiled"])
+    parser.add_argument("--path", choices=sorted(OPERATOR_PATHS), nargs="+", default=["eager", "fused", "compiled"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", type=int, default=15, help="rows of each profiler table")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .blocked_attention import blocked_attention_available, blocked_linear_angular_attention
 from .fused_attention import fused_attention_available, fused_linear_angular_attention
 
 __all__ = [
@@ -300,11 +301,13 @@ class LinearAngularAttention(_MultiHeadAttention):
             compile_tail: with the branch off and an fp32 or bf16 input, run
                 :func:`deployed_linear_angular_attention` through ``torch.compile`` (needs a C++
                 compiler on CPU, Triton on GPU). Off by default: the eager path is the reference.
-            fused: with the branch off and no gradient recorded, on CUDA tensors, run
+            fused: with the branch off and no gradient recorded, run a fused deployed operator:
+                on CUDA tensors
                 :func:`~castling_det.modeling.fused_attention.fused_linear_angular_attention`
                 (two Triton kernels) when Triton is installed and the head dimension is one it
-                supports; otherwise, or when False, the eager reference. ``compile_tail`` takes
-                precedence.
+                supports, on CPU tensors
+                :func:`~castling_det.modeling.blocked_attention.blocked_linear_angular_attention`;
+                otherwise, or when False, the eager reference. ``compile_tail`` takes precedence.
             eps: lower clamp of every L2 norm.
         """
         super().__init__(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
@@ -358,16 +361,25 @@ class LinearAngularAttention(_MultiHeadAttention):
         in_use = self.training or self.branch_at_inference
         return in_use and self.softmax_branch and self.branch_scale > 0
 
-    def _fused_applies(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether :meth:`attend` runs the fused kernels: asked for, the branch off, inputs they
-        take (see :func:`~castling_det.modeling.fused_attention.fused_attention_available`), and
-        no gradient to record (the kernels have no backward pass)."""
-        if not self.fused or self._branch_active() or not fused_attention_available(q):
-            return False
+    def _fused_path(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """The fused deployed operator :meth:`attend` runs, or None for the eager reference: one
+        is asked for, the branch is off, no gradient is to be recorded (neither has a backward
+        pass), and the inputs are ones it takes: the Triton kernels on CUDA (see
+        :func:`~castling_det.modeling.fused_attention.fused_attention_available`), the blocked
+        operator on CPU (see
+        :func:`~castling_det.modeling.blocked_attention.blocked_attention_available`)."""
+        if not self.fused or self._branch_active():
+            return None
         tensors = [q, k, v, self.dwconv.weight]
         if self.linear_weight is not None:
             tensors.append(self.linear_weight)
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        if fused_attention_available(q):
+            return fused_linear_angular_attention
+        if blocked_attention_available(q):
+            return blocked_linear_angular_attention
+        return None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int):
         """The attention operator alone: per-head ``q, k, v`` of shape ``(B, heads, N, d)`` with
@@ -379,8 +391,9 @@ class LinearAngularAttention(_MultiHeadAttention):
         )
         if self.compile_tail and not self._branch_active() and v.dtype in _WIDE_RANGE_DTYPES:
             return _compiled_deployed_attention()(q, k, v, self.dwconv.weight, **deployed_args)
-        if self._fused_applies(q, k, v):
-            return fused_linear_angular_attention(q, k, v, self.dwconv.weight, **deployed_args)
+        fused = self._fused_path(q, k, v)
+        if fused is not None:
+            return fused(q, k, v, self.dwconv.weight, **deployed_args)
 
         # Written so that full-size temporaries die early and the tail works in place: in
         # inference the peak is about twice the q, k, v projection, whatever N is.
