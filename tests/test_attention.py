@@ -403,14 +403,18 @@ def test_deployed_form_keeps_the_eps_clamp_for_zero_tokens():
 
 @pytest.mark.skipif(not _has_cpu_compiler(), reason="torch.compile on CPU needs a C++ compiler")
 @pytest.mark.parametrize("conv_kind,kernel_size", [("seq", 9), ("grid", 3)])
-def test_compiled_tail_matches_eager(conv_kind, kernel_size):
+def test_compiled_tail_matches_eager_and_compiles_once_for_every_size(conv_kind, kernel_size):
     module = _make_module(conv_kind, kernel_size, softmax_branch=False)
-    x = torch.randn(2, 6, 9, 64)
-    with torch.no_grad():
-        eager = module(x)
-        module.compile_tail = True
-        compiled = module(x)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    for index, (height, width) in enumerate([(6, 9), (5, 7), (8, 3)]):
+        x = torch.randn(2, height, width, 64)
+        with torch.no_grad():
+            module.compile_tail = False
+            eager = module(x)
+            module.compile_tail = True
+            # After the first size, a new one must reuse the compiled code.
+            with torch._dynamo.config.patch(error_on_recompile=index > 0):
+                compiled = module(x)
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
 
 
 def test_compile_tail_is_not_used_with_the_branch_or_fp16(monkeypatch):

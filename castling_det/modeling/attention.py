@@ -426,8 +426,10 @@ class LinearAngularAttention(_MultiHeadAttention):
 @functools.lru_cache(maxsize=None)
 def _compiled_deployed_attention():
     """:func:`deployed_linear_angular_attention` through ``torch.compile``, built on first use so
-    that importing this module does not start the compiler."""
-    return torch.compile(deployed_linear_angular_attention)
+    that importing this module does not start the compiler. Compiled for symbolic sizes from the
+    first call: a detector sees many image sizes, and each would otherwise compile anew (sizes 0
+    and 1 are still specialised, so a batch of one and of two compile once each)."""
+    return torch.compile(deployed_linear_angular_attention, dynamic=True)
 
 
 class SoftmaxAttention(_MultiHeadAttention):
