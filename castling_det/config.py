@@ -73,6 +73,10 @@ def add_castling_config(cfg: CN) -> CN:
     # Triton installed two Triton kernels (head dims 16, 32, 64, 128; any dtype), on CPU the
     # blocked operator (one cache-sized block of tokens at a time). False: the eager reference.
     c.FUSED_DEPLOYED = True
+    # In inference on a CUDA GPU (branch off), run the ViT as CUDA graphs, one captured per input
+    # shape (and dtype) on first sight and replayed after: kernel launches no longer bound it.
+    # Each shape keeps its graph's memory; for detectors fed many image sizes, pad to few sizes.
+    c.CUDA_GRAPHS = False
     # Recompute block activations in the backward pass to save memory.
     c.USE_ACT_CHECKPOINT = False
     # Feature maps returned by the bare backbone: "last_feat" and/or "block{i}" (0-based).

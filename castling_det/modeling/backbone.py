@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from .attention import LinearAngularAttention, SoftmaxAttention
+from .cuda_graphs import ShapeGraphs
 
 __all__ = ["ATTN_KINDS", "VIT_PRESETS", "Mlp", "Block", "CastlingViT", "vit_feature_names"]
 
@@ -172,6 +173,7 @@ class CastlingViT(Backbone):
         softmax_branch: bool = True,
         compile_tail: bool = False,
         fused: bool = True,
+        cuda_graphs: bool = False,
         use_act_checkpoint: bool = False,
         out_features: Sequence[str] = ("last_feat",),
     ):
@@ -193,6 +195,10 @@ class CastlingViT(Backbone):
             branch_topk, branch_as_sum, branch_chunk_size, softmax_branch, compile_tail, fused: settings of
                 the ``"castling"`` blocks, see
                 :class:`LinearAngularAttention`.
+            cuda_graphs: in inference on a CUDA input (eval mode, no gradient, the softmax
+                branch off everywhere), run the forward pass as a CUDA graph captured once per
+                input shape (:class:`~castling_det.modeling.cuda_graphs.ShapeGraphs`), so that
+                kernel launches do not bound it.
             use_act_checkpoint: recompute each block's activations in the backward pass
                 (saves memory in training, costs one more forward).
             out_features: names of the feature maps to return.
@@ -214,6 +220,8 @@ class CastlingViT(Backbone):
 
         self.patch_size = patch_size
         self.use_act_checkpoint = use_act_checkpoint
+        self.cuda_graphs = cuda_graphs
+        self._graphs = ShapeGraphs()
         self.patch_embed = PatchEmbed(
             kernel_size=(patch_size, patch_size),
             stride=(patch_size, patch_size),
@@ -294,6 +302,26 @@ class CastlingViT(Backbone):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() and the like make new parameter tensors: captured graphs
+        # would read the old ones.
+        self._graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _graphs_apply(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` replays a CUDA graph: asked for, inference on a CUDA input
+        with the softmax branch off in every block, and no tracer or compiler looking."""
+        return (
+            self.cuda_graphs
+            and x.is_cuda
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and not any(block.attn._branch_active() for block in self.blocks
+                        if isinstance(block.attn, LinearAngularAttention))
+        )
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -307,6 +335,11 @@ class CastlingViT(Backbone):
             raise ValueError(
                 f"input of size {tuple(x.shape[-2:])} is smaller than one {self.patch_size}-pixel patch"
             )
+        if self._graphs_apply(x):
+            return self._graphs(self._forward_eager, x)
+        return self._forward_eager(x)
+
+    def _forward_eager(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         # PatchEmbed returns a permuted (strided) view; elementwise ops keep their input's
         # layout, so without this copy every residual add and LayerNorm of every block would run
         # on strided memory (about 15% of the ViT's CPU time at 1024²).

@@ -129,6 +129,7 @@ def _vit_kwargs(cfg, in_chans: int) -> dict:
         softmax_branch=c.BRANCH.ENABLED,
         compile_tail=c.COMPILE_TAIL,
         fused=c.FUSED_DEPLOYED,
+        cuda_graphs=c.CUDA_GRAPHS,
         use_act_checkpoint=c.USE_ACT_CHECKPOINT,
         out_features=out_features,
     )
