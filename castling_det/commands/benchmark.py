@@ -52,11 +52,12 @@ DEFAULT_VARIANTS = [
 ]
 
 
-# --SUFFIX-variants NAME adds NAME-SUFFIX, the variant with this override: the compiled tail, or
-# the eager reference operator in place of the fused default.
+# --SUFFIX-variants NAME adds NAME-SUFFIX, the variant with this override: the compiled tail,
+# the eager reference operator in place of the fused default, or the ViT as CUDA graphs.
 EXTRA_VARIANTS = {
     "compiled": ("MODEL.CASTLING.COMPILE_TAIL", "True"),
     "eager": ("MODEL.CASTLING.FUSED_DEPLOYED", "False"),
+    "graphs": ("MODEL.CASTLING.CUDA_GRAPHS", "True"),
 }
 
 
