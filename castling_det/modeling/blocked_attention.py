@@ -17,8 +17,9 @@ to memory, and runs the depthwise convolution in a layout oneDNN handles slowly.
    normalisation is scale-free, so q is never normalised as a tensor), its normalisation, and
    the add into the convolution's output all work on scratch buffers that stay in cache.
 
-So q and k are read once, v three times (convolution, both blocked passes) and the output
-written twice (convolution, then the add): the intermediates never leave the cache. Every
+So q and k are read once, v three times (into the convolution's channels-last copy, then once
+per blocked pass) and the output written twice (by the convolution, then the add): the
+intermediates never leave the cache. Every
 product is fp32 (fp64 for fp64 inputs) whatever the input dtype, as in the eager reference; the
 convolution runs in the input's dtype, as there.
 
