@@ -66,9 +66,10 @@ def operator_candidates(
     side = x.shape[1]
     castling = copy.deepcopy(castling).to(x.dtype)
     modules = {"sdpa": copy.deepcopy(softmax).to(x.dtype)}
-    for path, fused, compiled in (("eager", False, False), ("fused", True, False), ("compiled", False, True)):
-        modules[path] = copy.deepcopy(castling)
-        modules[path].fused, modules[path].compile_tail = fused, compiled
+    for path in paths:
+        if path != "sdpa":  # one copy per Castling path asked for, set to run that path
+            modules[path] = copy.deepcopy(castling)
+            modules[path].fused, modules[path].compile_tail = path == "fused", path == "compiled"
     with torch.inference_mode():
         q, k, v = castling._project_qkv(x)
     candidates = {MATMULS: lambda: torch.matmul(q, torch.matmul(k.transpose(-2, -1), v))}
