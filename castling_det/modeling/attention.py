@@ -124,10 +124,13 @@ def _seq_conv_as_shifts(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _grid_conv(v: torch.Tensor, weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The ``"grid"`` depthwise ``k × k`` convolution of v over the token grid, ``(B, heads, N, d)``
     in and out."""
-    batch, heads, _, head_dim = v.shape
-    grid = v.transpose(-2, -1).reshape(batch, heads * head_dim, height, width)
-    out = F.conv2d(grid, weight, padding=weight.shape[-1] // 2, groups=grid.shape[1])
-    return out.reshape(batch, heads, head_dim, height * width).transpose(-2, -1)
+    batch, heads, num_tokens, head_dim = v.shape
+    channels = heads * head_dim
+    # A (B, C, H, W) view with channels-last strides: oneDNN's depthwise kernels are several
+    # times faster in that layout than in NCHW, forward and backward.
+    grid = v.permute(0, 2, 1, 3).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    out = F.conv2d(grid, weight, padding=weight.shape[-1] // 2, groups=channels)
+    return out.permute(0, 2, 3, 1).reshape(batch, num_tokens, heads, head_dim).transpose(1, 2)
 
 
 def deployed_linear_angular_attention(
