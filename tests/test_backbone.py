@@ -319,11 +319,15 @@ def test_softmax_branch_context_manager_restores_per_module_state(make_castling_
             assert _branch_states(backbone) == [True, True, True]
             assert torch.equal(backbone(x)["last_feat"], all_on)
         assert _branch_states(backbone) == [False, True, False]
+        assert castling_det.any_branch_active(backbone)  # one block's branch still runs
         assert torch.equal(backbone(x)["last_feat"], mixed)
 
         with castling_det.softmax_branch(backbone, False):
             assert _branch_states(backbone) == [False, False, False]
+            assert not castling_det.any_branch_active(backbone)
             assert torch.equal(backbone(x)["last_feat"], all_off)
+        with castling_det.softmax_branch(backbone, True, scale=0.0):
+            assert not castling_det.any_branch_active(backbone)  # scale 0 skips the branch
         assert _branch_states(backbone) == [False, True, False]
 
         # restored on the way out of an exception too

@@ -203,7 +203,7 @@ def test_trainer_leaves_the_model_with_the_branch_off(tmp_path):
     assert all(m.branch_scale == 1.0 for m in attentions)
     assert [(m.softmax_branch, m.branch_at_inference) for m in attentions] == [(False, False)] * 2
     trainer.model.train()
-    assert not any(m._branch_active() for m in attentions)  # off in training mode too
+    assert not any(m.branch_active for m in attentions)  # off in training mode too
 
 
 def test_eval_only_defaults_to_the_branch_off(tiny_run, shapes):

@@ -47,7 +47,7 @@ INSTALLED_USE = textwrap.dedent(
     cfg.MODEL.WEIGHTS = str(work / "out" / "model_final.pth")
     predictor = DefaultPredictor(cfg)
     attentions = castling_det.modeling.branch_modules(predictor.model)
-    assert attentions and not any(m._branch_active() for m in attentions)  # deployed: branch off
+    assert attentions and not any(m.branch_active for m in attentions)  # deployed: branch off
     outputs = predictor(np.zeros((96, 96, 3), dtype=np.uint8))
     print("installed use ok:", len(outputs["instances"]), "detections")
     """

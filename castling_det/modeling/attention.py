@@ -360,7 +360,10 @@ class LinearAngularAttention(_MultiHeadAttention):
             return self.dwconv(v)
         return _grid_conv(v, self.dwconv.weight, height, width)
 
-    def _branch_active(self) -> bool:
+    @property
+    def branch_active(self) -> bool:
+        """Whether the next forward computes the softmax branch: switched on, in training (or
+        asked for at inference too) and at a scale above 0."""
         in_use = self.training or self.branch_at_inference
         return in_use and self.softmax_branch and self.branch_scale > 0
 
@@ -371,7 +374,7 @@ class LinearAngularAttention(_MultiHeadAttention):
         :func:`~castling_det.modeling.fused_attention.fused_attention_available`), the blocked
         operator on CPU (see
         :func:`~castling_det.modeling.blocked_attention.blocked_attention_available`)."""
-        if not self.fused or self._branch_active():
+        if not self.fused or self.branch_active:
             return None
         tensors = [q, k, v, self.dwconv.weight]
         if self.linear_weight is not None:
@@ -392,7 +395,7 @@ class LinearAngularAttention(_MultiHeadAttention):
             conv_kind=self.conv_kind, height=height, width=width,
             linear_weight=self.linear_weight, eps=self.eps,
         )
-        if self.compile_tail and not self._branch_active() and v.dtype in _WIDE_RANGE_DTYPES:
+        if self.compile_tail and not self.branch_active and v.dtype in _WIDE_RANGE_DTYPES:
             return _compiled_deployed_attention()(q, k, v, self.dwconv.weight, **deployed_args)
         fused = self._fused_path(q, k, v)
         if fused is not None:
@@ -410,7 +413,7 @@ class LinearAngularAttention(_MultiHeadAttention):
             total = total * self.linear_weight.to(acc)  # not in place: w's gradient needs total
         total = total.div_(math.pi).add_(v_acc, alpha=0.5)
         del q_acc, v_acc
-        if self._branch_active():
+        if self.branch_active:
             branch, kept_mass = masked_softmax_attention(
                 q, k, v, threshold=self.branch_threshold, mask=self.branch_mask,
                 topk=self.branch_topk, chunk_size=self.branch_chunk_size,

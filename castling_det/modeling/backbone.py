@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from .attention import LinearAngularAttention, SoftmaxAttention
+from .branch import any_branch_active
 from .cuda_graphs import ShapeGraphs
 
 __all__ = ["ATTN_KINDS", "VIT_PRESETS", "Mlp", "Block", "CastlingViT", "vit_feature_names"]
@@ -318,8 +319,7 @@ class CastlingViT(Backbone):
             and not torch.is_grad_enabled()
             and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()
-            and not any(block.attn._branch_active() for block in self.blocks
-                        if isinstance(block.attn, LinearAngularAttention))
+            and not any_branch_active(self)
         )
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

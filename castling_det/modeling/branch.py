@@ -6,12 +6,23 @@ from torch import nn
 
 from .attention import LinearAngularAttention
 
-__all__ = ["branch_modules", "set_branch_scale", "set_softmax_branch", "softmax_branch"]
+__all__ = [
+    "any_branch_active",
+    "branch_modules",
+    "set_branch_scale",
+    "set_softmax_branch",
+    "softmax_branch",
+]
 
 
 def branch_modules(model: nn.Module) -> List[LinearAngularAttention]:
     """The :class:`LinearAngularAttention` modules of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, LinearAngularAttention)]
+
+
+def any_branch_active(model: nn.Module) -> bool:
+    """Whether the next forward of ``model`` computes the softmax branch in any block."""
+    return any(m.branch_active for m in branch_modules(model))
 
 
 def set_softmax_branch(model: nn.Module, on: bool) -> int:
