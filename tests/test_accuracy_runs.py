@@ -132,6 +132,22 @@ def test_only_the_teacher_arm_keeps_its_half_checkpoint():
     assert plan_run(tool.ARMS, "castling", schedule, 0, "W", "R").keep_checkpoint is None
 
 
+def test_castling_arms_pin_their_recipe_key_by_key():
+    """Every arm with castling blocks names its convolution, mask and L1 weight (each key once), so
+    its stored results keep their meaning when the configs' defaults change."""
+    pinned = ("MODEL.CASTLING.CONV_KIND", "MODEL.CASTLING.BRANCH.MASK", "MODEL.CASTLING.BRANCH.L1_WEIGHT")
+    castling_arms = [name for name, arm in tool.ARMS.items() if "castling" in arm.overrides[1]]
+    assert len(castling_arms) == len(tool.ARMS) - 2  # all but softmax and window
+    for name in castling_arms:
+        keys = tool.ARMS[name].overrides[0::2]
+        assert len(keys) == len(set(keys)), name
+        assert all(key in keys for key in pinned), name
+    castling = dict(zip(*[iter(tool.ARMS["castling"].overrides)] * 2))
+    assert (castling["MODEL.CASTLING.CONV_KIND"], castling["MODEL.CASTLING.BRANCH.MASK"]) == ("seq", "absolute")
+    grid5 = dict(zip(*[iter(tool.ARMS["castling-grid5"].overrides)] * 2))
+    assert (grid5["MODEL.CASTLING.CONV_KIND"], grid5["MODEL.CASTLING.CONV_KERNEL_SIZE"]) == ("grid", "5")
+
+
 def test_unknown_arm_is_named():
     with pytest.raises(AblationError, match="unknown arm 'castling-fast'.*softmax, window"):
         plan_run(tool.ARMS, "castling-fast", parse_schedule("iters600"), 0, "W", "R")

@@ -50,7 +50,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.modeling import build_model
@@ -97,7 +97,24 @@ def _kinds(global_kind: str) -> str:
     return json.dumps([global_kind if i in GLOBAL_BLOCKS else "window" for i in range(12)])
 
 
-_CASTLING = (ATTN_KINDS, '["castling"]')
+def _recipe(*overrides: Sequence[str]) -> Tuple[str, ...]:
+    """Flat yacs key/value lists merged into one: a later value of a key replaces the earlier one
+    in place, so each key appears once in an arm's stored overrides."""
+    merged: Dict[str, str] = {}
+    for pairs in overrides:
+        merged.update(zip(pairs[0::2], pairs[1::2]))
+    return tuple(item for pair in merged.items() for item in pair)
+
+
+# The paper's recipe, pinned key by key so that the arms keep their meaning whatever the configs'
+# defaults become: 9x1 convolution along the token sequence, absolute mask 0.02, L1 penalty 1.
+_CASTLING = (
+    ATTN_KINDS, '["castling"]',
+    "MODEL.CASTLING.CONV_KIND", "seq", "MODEL.CASTLING.CONV_KERNEL_SIZE", "9",
+    "MODEL.CASTLING.LEARN_LINEAR_WEIGHT", "False",
+    "MODEL.CASTLING.BRANCH.MASK", "absolute", "MODEL.CASTLING.BRANCH.THRESHOLD", "0.02",
+    "MODEL.CASTLING.BRANCH.AS_SUM", "False", "MODEL.CASTLING.BRANCH.L1_WEIGHT", "1.0",
+)
 # A relative or top-k mask keeps mass at any softmax: the L1 penalty could only flatten it, so the
 # branch is retired by the scale annealing alone.
 _NO_L1 = ("MODEL.CASTLING.BRANCH.L1_WEIGHT", "0.0")
@@ -109,41 +126,42 @@ _RELATIVE = (
 ARMS: Dict[str, Arm] = {
     "softmax": Arm("global softmax attention in every block", (ATTN_KINDS, '["softmax"]')),
     "window": Arm("window attention, global softmax at blocks 2, 5, 8, 11", (ATTN_KINDS, _kinds("softmax"))),
-    "castling": Arm("linear-angular, seq 9x1 conv, absolute mask 0.02 (config as is)", _CASTLING),
+    "castling": Arm("linear-angular, seq 9x1 conv, absolute mask 0.02 (the paper's recipe)", _CASTLING),
     "castling-no-branch": Arm(
-        "castling without the softmax branch", (*_CASTLING, "MODEL.CASTLING.BRANCH.ENABLED", "False")
+        "castling without the softmax branch", _recipe(_CASTLING, ("MODEL.CASTLING.BRANCH.ENABLED", "False"))
     ),
-    "castling-relative": Arm("castling, relative mask (A >= 1/N), no L1", (*_CASTLING, *_RELATIVE)),
+    "castling-relative": Arm("castling, relative mask (A >= 1/N), no L1", _recipe(_CASTLING, _RELATIVE)),
     "castling-relative-sum": Arm(
         "castling-relative with the branch times N (a sum like the linear term)",
-        (*_CASTLING, *_RELATIVE, "MODEL.CASTLING.BRANCH.AS_SUM", "True"),
+        _recipe(_CASTLING, _RELATIVE, ("MODEL.CASTLING.BRANCH.AS_SUM", "True")),
     ),
     "castling-topk": Arm(
         "castling, top-32 mask, no L1",
-        (*_CASTLING, "MODEL.CASTLING.BRANCH.MASK", "topk", "MODEL.CASTLING.BRANCH.TOPK", "32", *_NO_L1),
+        _recipe(_CASTLING, ("MODEL.CASTLING.BRANCH.MASK", "topk", "MODEL.CASTLING.BRANCH.TOPK", "32"), _NO_L1),
     ),
     **{
         f"castling-grid{k}": Arm(
             f"castling, {k}x{k} grid conv on v",
-            (*_CASTLING, "MODEL.CASTLING.CONV_KIND", "grid", "MODEL.CASTLING.CONV_KERNEL_SIZE", str(k)),
+            _recipe(_CASTLING, ("MODEL.CASTLING.CONV_KIND", "grid", "MODEL.CASTLING.CONV_KERNEL_SIZE", str(k))),
         )
         for k in (3, 5, 7)
     },
     "castling-learned-weight": Arm(
-        "castling, learned per-head linear weight", (*_CASTLING, "MODEL.CASTLING.LEARN_LINEAR_WEIGHT", "True")
+        "castling, learned per-head linear weight",
+        _recipe(_CASTLING, ("MODEL.CASTLING.LEARN_LINEAR_WEIGHT", "True")),
     ),
     "castling-switch": Arm(
         "castling from the softmax twin at S/2, attention transfer, relative mask",
-        (
-            *_CASTLING,
-            "MODEL.CASTLING.TRANSFER.LOSS_WEIGHT", "1.0", "MODEL.CASTLING.TRANSFER.END", "0.25",
-            *_RELATIVE,
+        _recipe(
+            _CASTLING,
+            ("MODEL.CASTLING.TRANSFER.LOSS_WEIGHT", "1.0", "MODEL.CASTLING.TRANSFER.END", "0.25"),
+            _RELATIVE,
         ),
         switch_from="softmax",
     ),
     "hybrid": Arm(
         "window attention, castling at blocks 2, 5, 8, 11 (linear everywhere)",
-        (ATTN_KINDS, _kinds("castling")),
+        _recipe(_CASTLING, (ATTN_KINDS, _kinds("castling"))),
     ),
 }
 
