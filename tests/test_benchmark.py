@@ -119,6 +119,29 @@ def _run_tool(*args):
     return result.stdout
 
 
+def test_backbone_latency_targets_of_issue_13():
+    from castling_det.analysis.targets import benchmark_targets
+
+    rows = [
+        {"variant": v, "size": size, "dtype": dtype, "latency_ms": ms}
+        for dtype in ("fp32", "bf16")
+        for v, size, ms in (("castling", 1024, 100.0), ("window", 1024, 150.0),
+                            ("castling", 2048, 440.0), ("window", 2048, 1000.0))
+    ]
+    cpu = {t["target"]: t for t in benchmark_targets({"backbone": rows}, "cpu")}
+    assert cpu["cpu backbone latency castling/window @1024 fp32"]["measured"] == pytest.approx(2 / 3)
+    assert cpu["cpu backbone latency castling/window @1024 bf16"]["met"] is True  # <= 0.70
+    assert cpu["cpu backbone latency castling/window @2048 fp32"]["met"] is True  # 0.44 <= 0.45
+    assert cpu["castling backbone latency 2048/1024 fp32"]["measured"] == pytest.approx(4.4)
+    assert cpu["castling backbone latency 2048/1024 fp32"]["met"] is False  # CPU limit 4.3
+    gpu = {t["target"]: t for t in benchmark_targets({"backbone": rows}, "cuda")}
+    assert "cuda backbone latency castling/window @1024 fp32" not in gpu  # GPU targets are bf16
+    assert gpu["cuda backbone latency castling/window @2048 bf16"]["limit"] == 0.6
+    assert gpu["castling backbone latency 2048/1024 bf16"]["met"] is True  # GPU limit 4.6
+    nothing = {t["target"]: t for t in benchmark_targets({}, "cpu")}
+    assert nothing["cpu backbone latency castling/window @1024 fp32"]["met"] is None
+
+
 def test_relative_latencies_divide_by_the_first_candidate(monkeypatch):
     """Latencies made up per candidate: each ratio is its latency over the two matmuls'."""
     made_up = {"matmuls": 2.0, "eager": 6.0, "sdpa": 3.0}
