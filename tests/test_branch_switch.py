@@ -62,6 +62,35 @@ def test_one_test_set_writes_detectron2_keys_for_the_deployed_model(make_detecto
     assert record["branch_off"]["bbox"]["AP"] == 20.0 and record["iteration"] == 10
 
 
+def test_a_resumed_run_evaluates_its_checkpoint_when_that_evaluation_is_missing(make_detector_cfg, tmp_path):
+    """A session killed during the evaluation at 600 resumes from the checkpoint of 600: the hook
+    evaluates it before training goes on, recorded as the uninterrupted run records it."""
+    model = build_model(make_detector_cfg("GeneralizedRCNN"))
+    evaluate, count_gflops = _fake_evaluation(["val"])
+    calls = []
+    hook = SoftmaxBranchSwitch(
+        model=model, eval_period=300, evaluate=lambda: calls.append(1) or evaluate(model),
+        count_gflops=count_gflops, output_dir=str(tmp_path), dataset_names=["val"],
+    )
+    (tmp_path / "branch_switch.json").write_text(json.dumps([{"iteration": 300}]))
+
+    def resume_at(start_iter, max_iter=2400):
+        with EventStorage(start_iter) as storage:
+            hook.trainer = SimpleNamespace(iter=start_iter, max_iter=max_iter, storage=storage)
+            hook.before_train()
+            assert storage.iter == start_iter  # restored for the training steps
+            return storage.history("bbox/AP").values() if "bbox/AP" in storage.histories() else []
+
+    assert resume_at(600) == [(20.0, 599)]  # stored where an uninterrupted run stores it
+    assert len(calls) == 2  # branch on and off
+    records = json.loads((tmp_path / "branch_switch.json").read_text())
+    assert [r["iteration"] for r in records] == [300, 600]
+    # evaluated already, not an evaluation point, the start, or the end (after_train evaluates)
+    for start_iter, max_iter in ((600, 2400), (300, 2400), (450, 2400), (0, 2400), (900, 900)):
+        assert resume_at(start_iter, max_iter) == []
+    assert len(calls) == 2
+
+
 def test_two_test_sets_get_a_table_keys_and_gflops_each(make_detector_cfg, tmp_path):
     hook, latest = _run_switch(make_detector_cfg, tmp_path, ["val", "val2"])
     assert latest["val/bbox/AP"] == 20.0 and latest["val2/bbox/AP"] == 21.0

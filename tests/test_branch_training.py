@@ -121,6 +121,22 @@ def test_regularizer_adds_the_l1_loss_until_the_branch_is_retired(make_detector_
         assert len(storage.history("branch/mass/block0").values()) == 2
 
 
+def test_a_resumed_regularizer_restores_the_scale_of_the_checkpoints_last_step(make_detector_cfg):
+    model = build_model(make_detector_cfg("GeneralizedRCNN", mask_on=False))
+    schedule = BranchSchedule(max_iter=10, anneal_start=0.0, anneal_end=1.0)  # scale 1 - i/10
+    regularizer = BranchRegularizer(model, schedule)
+    modules = list(regularizer._modules.values())
+    regularizer.trainer = SimpleNamespace(iter=6)  # resumed after 6 steps: the last one was 5
+    regularizer.before_train()
+    assert all(m.branch_scale == pytest.approx(schedule.scale_at(5)) for m in modules)
+    assert schedule.scale_at(5) != 1.0
+    for module in modules:
+        module.branch_scale = 1.0
+    regularizer.trainer.iter = 0  # a fresh run: the first step sets the scale
+    regularizer.before_train()
+    assert all(m.branch_scale == 1.0 for m in modules)
+
+
 # --------------------------------------------------------------------------------------------
 # The switch hook on a tiny run
 # --------------------------------------------------------------------------------------------

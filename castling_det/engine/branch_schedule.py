@@ -109,8 +109,16 @@ class BranchRegularizer(HookBase):
         self._scale = 1.0
         model.register_forward_hook(self._add_branch_loss)
 
+    def before_train(self):
+        # A resumed run's modules carry the scale of the checkpoint's last step, as they did when
+        # it was saved (an evaluation of that checkpoint records it).
+        if self.trainer.iter > 0:
+            self._apply(self.trainer.iter - 1)
+
     def before_step(self):
-        iteration = self.trainer.iter
+        self._apply(self.trainer.iter)
+
+    def _apply(self, iteration: int) -> None:
         self._scale = self._schedule.scale_at(iteration)
         self._l1_weight = self._schedule.l1_weight_at(iteration)
         for module in self._modules.values():

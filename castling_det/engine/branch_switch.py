@@ -70,7 +70,33 @@ class SoftmaxBranchSwitch(EvalHook):
         self._output_dir = output_dir
         self.last_results: Dict[str, Dict] = {}
 
-    def _do_eval(self):
+    def before_train(self):
+        # A run resumed from a checkpoint taken at an evaluation point whose evaluation was cut
+        # short (a session ended during it) evaluates that checkpoint first, with its scalars
+        # stored at the iteration the uninterrupted run gives them: the curve keeps its point.
+        done = self.trainer.iter  # the iterations the resumed checkpoint has completed
+        due = self._period > 0 and done % self._period == 0 and 0 < done < self.trainer.max_iter
+        if not due or done in self._recorded_iterations():
+            return
+        logger.info(f"Resumed at iteration {done}, whose evaluation is missing: evaluating it first.")
+        storage = self.trainer.storage
+        storage.iter = done - 1
+        try:
+            self._do_eval(done)
+        finally:
+            storage.iter = done
+
+    def _recorded_iterations(self) -> set:
+        """The iterations ``branch_switch.json`` in the output folder holds evaluations of."""
+        path = os.path.join(self._output_dir, RESULTS_FILE)
+        if not os.path.exists(path):
+            return set()
+        with open(path) as f:
+            return {record["iteration"] for record in json.load(f)}
+
+    def _do_eval(self, done: Optional[int] = None):
+        """Evaluate with the branch on and off; ``done``: the iterations completed (by default
+        the trainer's, as in Detectron2's hook)."""
         states = ("on", "off") if branch_modules(self._model) else ("off",)
         records = evaluate_with_branch(
             self._model, states, self._func, self._count_gflops, self._dataset_names
@@ -83,18 +109,17 @@ class SoftmaxBranchSwitch(EvalHook):
         self.last_results = records
         if comm.is_main_process():
             logger.info("Softmax branch on and off:\n" + format_switch_table(records))
-            self._append_record(records)
+            # Iterations completed (after training, trainer.iter already equals max_iter).
+            self._append_record(records, done or min(self.trainer.iter + 1, self.trainer.max_iter))
         comm.synchronize()
 
-    def _append_record(self, records: Dict[str, Dict]) -> None:
+    def _append_record(self, records: Dict[str, Dict], done: int) -> None:
         path = os.path.join(self._output_dir, RESULTS_FILE)
         history = []
         if os.path.exists(path):
             with open(path) as f:
                 history = json.load(f)
         scales = {m.branch_scale for m in branch_modules(self._model)}
-        # Iterations completed (after training, trainer.iter already equals max_iter).
-        done = min(self.trainer.iter + 1, self.trainer.max_iter)
         history.append({"iteration": done, "train_branch_scale": max(scales, default=None), **records})
         tmp_path = path + ".tmp"
         with open(tmp_path, "w") as f:
