@@ -12,6 +12,7 @@ from fvcore.nn import FlopCountAnalysis
 
 from castling_det.analysis import ATTENTION_FLOP_HANDLES, attention_operator
 from castling_det.analysis.profiling import self_time_growth
+from castling_det.analysis import timing
 from castling_det.analysis.timing import median_latency_ms, peak_memory_mib
 from castling_det.modeling.backbone import Block
 
@@ -58,6 +59,24 @@ def test_median_latency_calls_warmup_plus_repeats():
     assert len(calls) == 5 and latency >= 0
     with pytest.raises(ValueError, match="repeats"):
         median_latency_ms(lambda: None, CPU, repeats=0)
+
+
+def test_interleaved_latency_takes_the_callables_in_turns(monkeypatch):
+    """Warm-up calls of each first, then one timed call of each per round; each median is over its
+    own calls, read off a clock that advances by the callable's made-up duration."""
+    order, now = [], [0.0]
+    durations = {"a": 1.0, "b": 3.0}
+
+    def make(name):
+        def call():
+            order.append(name)
+            now[0] += durations[name] + (10.0 if len(order) == 6 else 0.0)  # one slow call of b
+        return call
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    medians = timing.interleaved_median_latency_ms({n: make(n) for n in durations}, CPU, warmup=1, repeats=3)
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert medians == {"a": 1000.0, "b": 3000.0}  # the median ignores the one slow call
 
 
 def _read(path: Path):
@@ -145,7 +164,10 @@ def test_backbone_latency_targets_of_issue_13():
 def test_relative_latencies_divide_by_the_first_candidate(monkeypatch):
     """Latencies made up per candidate: each ratio is its latency over the two matmuls'."""
     made_up = {"matmuls": 2.0, "eager": 6.0, "sdpa": 3.0}
-    monkeypatch.setattr(attention_operator, "median_latency_ms", lambda fn, device, **kw: made_up[fn()])
+    monkeypatch.setattr(
+        attention_operator, "interleaved_median_latency_ms",
+        lambda fns, device, **kw: {name: made_up[fn()] for name, fn in fns.items()},
+    )
     candidates = {name: (lambda name=name: name) for name in made_up}
     rows = attention_operator.relative_latencies(candidates, CPU)
     assert rows == [("matmuls", 2.0, 1.0), ("eager", 6.0, 3.0), ("sdpa", 3.0, 1.5)]

@@ -42,7 +42,7 @@ from .branch_stats import (
     retired_at,
 )
 from .flops import ATTENTION_FLOP_HANDLES, count_gflops, flop_table, sdpa_flop_jit
-from .timing import median_latency_ms, peak_memory_mib
+from .timing import interleaved_median_latency_ms, median_latency_ms, peak_memory_mib
 
 __all__ = [
     "ATTENTION_FLOP_HANDLES",
@@ -70,6 +70,7 @@ __all__ = [
     "load_run_time",
     "lr_steps",
     "mean_std",
+    "interleaved_median_latency_ms",
     "median_latency_ms",
     "parse_schedule",
     "peak_memory_mib",

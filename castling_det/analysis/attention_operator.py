@@ -11,7 +11,7 @@ import torch
 
 from ..modeling.attention import LinearAngularAttention, SoftmaxAttention, masked_softmax_attention
 from .precision import DTYPES, autocast
-from .timing import latency_and_peak_memory, median_latency_ms, peak_memory_mib
+from .timing import interleaved_median_latency_ms, peak_memory_mib
 
 __all__ = [
     "MATMULS",
@@ -81,10 +81,9 @@ def operator_candidates(
 def relative_latencies(
     candidates: Dict[str, Callable[[], object]], device, *, warmup: int = 3, repeats: int = 10
 ) -> List[Tuple[str, float, float]]:
-    """``(name, median latency in ms, latency / the first candidate's)`` of each candidate."""
-    latencies = {
-        name: median_latency_ms(fn, device, warmup=warmup, repeats=repeats) for name, fn in candidates.items()
-    }
+    """``(name, median latency in ms, latency / the first candidate's)`` of each candidate, timed
+    in turns (:func:`~castling_det.analysis.timing.interleaved_median_latency_ms`)."""
+    latencies = interleaved_median_latency_ms(candidates, device, warmup=warmup, repeats=repeats)
     baseline = next(iter(latencies.values()))
     return [(name, latency, latency / baseline) for name, latency in latencies.items()]
 
@@ -105,10 +104,12 @@ def bench_operator(
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         x = torch.randn(1, side, side, dim, device=device)
-        for name, fn in operator_candidates(castling, softmax, x.to(dtype), paths).items():
-            with torch.inference_mode():
-                timing = latency_and_peak_memory(fn, device, warmup=warmup, repeats=repeats)
-            rows.append({"operator": name, "dtype": dtype_name, **common, **timing})
+        candidates = operator_candidates(castling, softmax, x.to(dtype), paths)
+        with torch.inference_mode():
+            latencies = interleaved_median_latency_ms(candidates, device, warmup=warmup, repeats=repeats)
+            for name, fn in candidates.items():
+                rows.append({"operator": name, "dtype": dtype_name, **common, "latency_ms": latencies[name],
+                             "peak_mem_mib": peak_memory_mib(fn, device)})
         for name, layer in (("castling layer", castling), ("softmax layer", softmax)):
             with torch.inference_mode(), autocast(device, dtype):
                 memory = peak_memory_mib(lambda: layer(x), device)

@@ -14,7 +14,7 @@ from ..config import load_castling_config
 from ..modeling.branch import set_softmax_branch
 from .flops import count_gflops, with_attention_handles
 from .precision import DTYPES, autocast
-from .timing import latency_and_peak_memory, median_latency_ms
+from .timing import interleaved_median_latency_ms, peak_memory_mib
 
 __all__ = ["bench_backbones", "bench_detectors", "build_deployed_variant", "eager_attention", "vit_gmacs"]
 
@@ -71,27 +71,34 @@ def bench_backbones(
     max_sizes: Optional[Mapping[str, int]] = None, warmup: int = 2, repeats: int = 5,
 ) -> List[dict]:
     """The ViT (``backbone.net``) of each model on square random images of each of ``sizes``, in
-    each of ``dtypes`` (autocast): latency, peak memory, and :func:`vit_gmacs`. A variant's sizes
-    above its ``max_sizes`` entry are skipped. Each row is written under a progress bar."""
+    each of ``dtypes`` (autocast): latency, peak memory, and :func:`vit_gmacs`. At each size and
+    dtype the variants are timed in turns (:func:`interleaved_median_latency_ms`), so their ratios
+    are side by side. A variant's sizes above its ``max_sizes`` entry are skipped. Each row is
+    written under a progress bar."""
     rows = []
-    progress = tqdm(total=len(models) * len(sizes), desc="backbone", unit="size")
-    for name, model in models.items():
-        vit = model.backbone.net
-        for size in sizes:
+    progress = tqdm(total=len(sizes) * len(dtypes), desc="backbone", unit="size x dtype")
+    for size in sizes:
+        image = torch.randn(1, 3, size, size, device=device)
+        vits = {}
+        for name, model in models.items():
             if size > (max_sizes or {}).get(name, size):
                 tqdm.write(f"backbone {name} {size}: skipped (above its maximum size)")
-                progress.update()
-                continue
-            image = torch.randn(1, 3, size, size, device=device)
-            with torch.inference_mode():
-                flops = vit_gmacs(vit, image)
-            for dtype_name in dtypes:
-                def run():
+            else:
+                vits[name] = model.backbone.net
+        with torch.inference_mode():
+            flops = {name: vit_gmacs(vit, image) for name, vit in vits.items()}
+        for dtype_name in dtypes:
+            def forward(vit):
+                def call():
                     with torch.inference_mode(), autocast(device, DTYPES[dtype_name]):
                         vit(image)
-                timing = latency_and_peak_memory(run, device, warmup=warmup, repeats=repeats)
+                return call
+            calls = {name: forward(vit) for name, vit in vits.items()}
+            latencies = interleaved_median_latency_ms(calls, device, warmup=warmup, repeats=repeats)
+            for name, vit in vits.items():
                 row = {"variant": name, "dtype": dtype_name, "size": size,
-                       "tokens": (size // vit.patch_size) ** 2, **timing, **flops}
+                       "tokens": (size // vit.patch_size) ** 2, "latency_ms": latencies[name],
+                       "peak_mem_mib": peak_memory_mib(calls[name], device), **flops[name]}
                 tqdm.write(f"backbone {row}")
                 rows.append(row)
             progress.update()
@@ -106,26 +113,37 @@ def bench_detectors(
     """Each whole detector on square random images of each of ``sizes``, in each of ``dtypes``:
     latency, peak memory and GMACs, and where the time goes: the ViT alone (``vit_ms``) and with
     its feature pyramid (``vit_pyramid_ms``); the rest is the RPN, ROI heads and
-    post-processing. Each row is written under a progress bar."""
+    post-processing. Each of the three is timed for the variants in turns, as in
+    :func:`bench_backbones`. Each row is written under a progress bar."""
     rows = []
-    progress = tqdm(total=len(models) * len(sizes), desc="detector", unit="size")
-    for name, model in models.items():
-        for size in sizes:
-            image = torch.randint(0, 256, (3, size, size), device=device).float()
-            inputs = [{"image": image, "height": size, "width": size}]
-            normalized = ((image - model.pixel_mean) / model.pixel_std)[None]
+    progress = tqdm(total=len(sizes) * len(dtypes), desc="detector", unit="size x dtype")
+    for size in sizes:
+        image = torch.randint(0, 256, (3, size, size), device=device).float()
+        inputs = [{"image": image, "height": size, "width": size}]
+        normalized = {name: ((image - m.pixel_mean) / m.pixel_std)[None] for name, m in models.items()}
+        gmacs = {}
+        for name, model in models.items():
             with eager_attention(model):
-                gmacs = count_gflops(model, inputs, modules=())["model"]
-            for dtype_name in dtypes:
-                def run(fn, *fn_args):
-                    def call():
-                        with torch.inference_mode(), autocast(device, DTYPES[dtype_name]):
-                            fn(*fn_args)
-                    return call
-                timing = latency_and_peak_memory(run(model, inputs), device, warmup=warmup, repeats=repeats)
-                row = {"variant": name, "dtype": dtype_name, "size": size, **timing, "gmacs": gmacs}
-                for stage, module in (("vit_ms", model.backbone.net), ("vit_pyramid_ms", model.backbone)):
-                    row[stage] = median_latency_ms(run(module, normalized), device, warmup=warmup, repeats=repeats)
+                gmacs[name] = count_gflops(model, inputs, modules=())["model"]
+        for dtype_name in dtypes:
+            def run(fn, *fn_args):
+                def call():
+                    with torch.inference_mode(), autocast(device, DTYPES[dtype_name]):
+                        fn(*fn_args)
+                return call
+            stages = {
+                "latency_ms": {name: run(model, inputs) for name, model in models.items()},
+                "vit_ms": {name: run(m.backbone.net, normalized[name]) for name, m in models.items()},
+                "vit_pyramid_ms": {name: run(m.backbone, normalized[name]) for name, m in models.items()},
+            }
+            timed = {
+                stage: interleaved_median_latency_ms(calls, device, warmup=warmup, repeats=repeats)
+                for stage, calls in stages.items()
+            }
+            for name in models:
+                row = {"variant": name, "dtype": dtype_name, "size": size, "latency_ms": timed["latency_ms"][name],
+                       "peak_mem_mib": peak_memory_mib(stages["latency_ms"][name], device), "gmacs": gmacs[name],
+                       "vit_ms": timed["vit_ms"][name], "vit_pyramid_ms": timed["vit_pyramid_ms"][name]}
                 tqdm.write(f"detector {row}")
                 rows.append(row)
             progress.update()

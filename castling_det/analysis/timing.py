@@ -7,13 +7,13 @@ profiler (every tensor the call creates and frees, in order).
 """
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Mapping
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import Action
 
-__all__ = ["latency_and_peak_memory", "median_latency_ms", "peak_memory_mib"]
+__all__ = ["interleaved_median_latency_ms", "median_latency_ms", "peak_memory_mib"]
 
 MIB = 2**20
 
@@ -23,22 +23,34 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def interleaved_median_latency_ms(
+    fns: Mapping[str, Callable[[], object]], device: torch.device, *, warmup: int = 2, repeats: int = 5
+) -> Dict[str, float]:
+    """Median time of each callable in milliseconds over ``repeats`` calls, after ``warmup`` calls
+    of each; the timed calls are taken in turns, one of each per round, so that a drift in the
+    machine's speed (other tenants of a shared host, clock changes) reaches every callable alike
+    and their ratios hold."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(samples) for name, samples in times.items()}
+
+
 def median_latency_ms(
     fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 5
 ) -> float:
     """Median time of ``fn()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    for _ in range(warmup):
-        fn()
-    times: List[float] = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return interleaved_median_latency_ms({"fn": fn}, device, warmup=warmup, repeats=repeats)["fn"]
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
@@ -66,14 +78,3 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
             live -= size
         peak = max(peak, live)
     return peak / MIB
-
-
-def latency_and_peak_memory(
-    fn: Callable[[], object], device: torch.device, *, warmup: int = 2, repeats: int = 5
-) -> Dict[str, float]:
-    """``{"latency_ms": ..., "peak_mem_mib": ...}`` of ``fn()``: :func:`median_latency_ms` and
-    :func:`peak_memory_mib`, in that order."""
-    return {
-        "latency_ms": median_latency_ms(fn, device, warmup=warmup, repeats=repeats),
-        "peak_mem_mib": peak_memory_mib(fn, device),
-    }
