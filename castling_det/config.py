@@ -90,8 +90,11 @@ def add_castling_config(cfg: CN) -> CN:
     c.BRANCH.ENABLED = True
     # Which softmax weights the branch keeps: "absolute" (the paper's: above THRESHOLD),
     # "relative" (at least RELATIVE_THRESHOLD / N for N tokens: the same meaning at any N) or
-    # "topk" (the TOPK largest of each query's row).
-    c.BRANCH.MASK = "absolute"
+    # "topk" (the TOPK largest of each query's row). "relative" is the default: it keeps the
+    # above-average weights of any softmax, a fresh model's near-uniform one included, so the
+    # branch carries signal from the first iteration. The paper's formula: MASK "absolute",
+    # THRESHOLD 0.02, L1_WEIGHT 1.0.
+    c.BRANCH.MASK = "relative"
     # Threshold of the "absolute" mask, a softmax weight. The paper's 0.02 keeps nothing of a
     # fresh model's near-uniform softmax (about 1/N per weight) once N > 50.
     c.BRANCH.THRESHOLD = 0.02
@@ -105,9 +108,9 @@ def add_castling_config(cfg: CN) -> CN:
     # Queries per chunk when computing the branch (exact; bounds its memory); 0: all at once.
     c.BRANCH.CHUNK_SIZE = 512
     # Final weight of the L1 penalty on the softmax mass the mask keeps (loss_branch_l1). Meant
-    # for the "absolute" mask, which it empties; the others keep mass at any softmax, so with
-    # them the penalty only flattens the softmax: set it to 0 and let ANNEAL_* retire the branch.
-    c.BRANCH.L1_WEIGHT = 1.0
+    # for the "absolute" mask, which it empties; the others keep mass at any softmax, and on
+    # them the penalty could only flatten it: with them it is 0 and ANNEAL_* retire the branch.
+    c.BRANCH.L1_WEIGHT = 0.0
     # Fraction of training over which that weight ramps up linearly from 0.
     c.BRANCH.L1_RAMP_END = 0.5
     # Fractions of training where the branch's scale starts to fall from 1 (linearly) and

@@ -423,10 +423,12 @@ def test_valid_config_variants_build(make_castling_cfg):
     cfg = make_castling_cfg("build_castling_vit_backbone")
     cfg.MODEL.CASTLING.ATTN_KINDS = ["softmax", "castling"]  # one per block
     cfg.MODEL.CASTLING.CONV_KIND = "grid"
+    cfg.MODEL.CASTLING.BRANCH.MASK = "absolute"  # the paper's mask, not the default
     cfg.MODEL.CASTLING.BRANCH.THRESHOLD = 0.0
     cfg.MODEL.CASTLING.BRANCH.CHUNK_SIZE = 0  # all at once
     backbone = _build(cfg)
     assert backbone.blocks[1].attn.conv_kind == "grid"
+    assert backbone.blocks[1].attn.branch_mask == "absolute"
     assert backbone.blocks[1].attn.branch_chunk_size is None
     with torch.no_grad():
         out = backbone(torch.randn(1, 3, 64, 96))["last_feat"]

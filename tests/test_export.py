@@ -55,7 +55,7 @@ def _detector_cfg(make_detector_cfg, kind):
         cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
         cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
     cfg.TEST.DETECTIONS_PER_IMAGE = 100
-    cfg.MODEL.CASTLING.BRANCH.THRESHOLD = 0.0
+    cfg.MODEL.CASTLING.BRANCH.RELATIVE_THRESHOLD = 0.0  # the default relative mask keeps every weight
     return cfg
 
 

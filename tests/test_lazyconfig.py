@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import build_backbone
 from detectron2.modeling.roi_heads import CascadeROIHeads, StandardROIHeads
 
 import castling_det
 from castling_det.data import make_shapes_dataset
+from castling_det.engine.branch_schedule import BranchSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 LAZY = REPO / "configs" / "lazy"
@@ -46,6 +48,41 @@ def test_recipe_loads_and_instantiates(name, heads):
     assert [type(a).__name__ for a in instantiate(cfg.dataloader.train.mapper.augmentations)] == [
         "RandomFlip", "ResizeScale", "FixedSizeCrop"
     ]
+
+
+def _attention_recipe(vit):
+    """What makes a Castling-ViT's attention recipe: per block, the attention kind and, for castling
+    blocks, the convolution on v, the linear weight and the softmax branch's mask."""
+    recipe = []
+    for block in vit.blocks:
+        attn = block.attn
+        entry = {"kind": block.attn_kind, "window": block.window_size}
+        if block.attn_kind == "castling":
+            entry.update(
+                conv_kind=attn.conv_kind, conv_weight=tuple(attn.dwconv.weight.shape),
+                linear_weight=attn.linear_weight is not None, branch=attn.softmax_branch,
+                mask=attn.branch_mask, threshold=attn.branch_threshold, topk=attn.branch_topk,
+                as_sum=attn.branch_as_sum,
+            )
+        recipe.append(entry)
+    return recipe
+
+
+def test_yacs_and_lazyconfig_build_the_same_recipe():
+    """The ViT-B Mask R-CNN recipes of both config systems train the same attention and retire the
+    branch on the same schedule (fractions of training), so results from either carry over."""
+    yacs = castling_det.load_castling_config(
+        str(REPO / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_castling_vit_b_fpn_3x.yaml")
+    )
+    lazy = LazyConfig.load(str(LAZY / "mask_rcnn_castling_vit_b_100ep.py"))
+    yacs_vit = build_backbone(yacs).net
+    lazy_vit = instantiate(lazy.model.backbone.net)
+    assert _attention_recipe(yacs_vit) == _attention_recipe(lazy_vit)
+    # The default recipe: the branch keeps the weights >= 1/N (alive at a uniform softmax), no L1.
+    assert _attention_recipe(lazy_vit)[0]["mask"] == "relative"
+    yacs_schedule = BranchSchedule.from_config(yacs)
+    lazy_schedule = BranchSchedule(max_iter=yacs.SOLVER.MAX_ITER, **lazy.train.branch)
+    assert yacs_schedule == lazy_schedule and yacs_schedule.l1_weight == 0.0
 
 
 def test_lazyconfig_train_net_runs_on_shapes(tmp_path):

@@ -20,8 +20,9 @@ train.ddp.fp16_compression = True
 # 100 * 118000 / 64 = 184375 iterations.
 train.max_iter = 184375
 train.eval_period = 10000
-# The softmax branch's retirement (castling_det/engine/branch_schedule.py), fractions of max_iter.
-train.branch = dict(l1_weight=1.0, l1_ramp_end=0.5, anneal_start=0.5, anneal_end=0.8)
+# The softmax branch's retirement (castling_det/engine/branch_schedule.py), fractions of max_iter:
+# annealed from half of training, with no L1 penalty (the relative mask keeps mass at any softmax).
+train.branch = dict(l1_weight=0.0, l1_ramp_end=0.5, anneal_start=0.5, anneal_end=0.8)
 # Images whose GFLOPs the branch-switch evaluation averages.
 train.flops_num_images = 3
 

@@ -18,9 +18,14 @@ model.backbone = L(CastlingFPN)(
         num_heads=12,
         drop_path_rate=0.1,
         attn_kinds="castling",
-        # Detection tokens form a grid: a 3x3 depthwise convolution over it.
-        conv_kind="grid",
-        conv_kernel_size=3,
+        # The yacs configs' recipe (castling_det/config.py): the paper's 9x1 depthwise convolution
+        # along the token sequence, and a softmax branch keeping the weights >= 1/N of each row
+        # (alive from the first iteration). The paper's branch: branch_mask="absolute",
+        # branch_threshold=0.02 and train.branch l1_weight=1.0.
+        conv_kind="seq",
+        conv_kernel_size=9,
+        branch_mask="relative",
+        branch_threshold=1.0,
         out_features=["last_feat"],
     ),
     in_feature="last_feat",
