@@ -9,7 +9,9 @@ pure functions of the iteration (so ``--resume`` continues them exactly):
    ``L1_WEIGHT`` over the first ``L1_RAMP_END`` of training, then stays. Once every softmax weight
    is at or below the threshold the mask is empty and the branch adds exactly nothing. The model
    can get there without touching the linear path, which sees only the directions q̂, k̂: flattening
-   the softmax (smaller ``q·k``) is free for it.
+   the softmax (smaller ``q·k``) is free for it. This is for the paper's absolute mask; with the
+   default relative mask, which keeps mass at any softmax, ``L1_WEIGHT`` is 0 and the annealing
+   alone retires the branch.
 2. **Scale annealing.** The branch output is multiplied by ``s(t)``: 1 until ``ANNEAL_START``,
    falling linearly to exactly 0 at ``ANNEAL_END`` (fractions of ``SOLVER.MAX_ITER``). From then on
    the branch is not computed at all, so the last part of training sees the model as deployed.
@@ -35,7 +37,7 @@ class BranchSchedule:
     """The L1 weight and branch scale as functions of the iteration (fractions of ``max_iter``)."""
 
     max_iter: int
-    l1_weight: float = 1.0
+    l1_weight: float = 0.0  # MODEL.CASTLING.BRANCH.L1_WEIGHT's default; the paper's recipe: 1.0
     l1_ramp_end: float = 0.5
     anneal_start: float = 0.5
     anneal_end: float = 0.8
