@@ -35,7 +35,7 @@ from castling_det.analysis import (
     schedule_overrides,
     write_json_atomic,
 )
-from castling_det.analysis.accuracy_figures import plot_branch
+from castling_det.analysis.accuracy_figures import plot_accuracy, plot_branch
 from castling_det.commands import benchmark_accuracy as tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -499,6 +499,27 @@ def test_report_writes_tables_and_both_figures(tmp_path, capsys):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
     assert "| iters600 | softmax | 0 | no branch | — | — | — |" in (out / "results.md").read_text().splitlines()
     assert "branch.png: iters600 castling seed 0" in capsys.readouterr().out  # seed 1 has no trajectory
+
+
+def test_accuracy_figure_ranks_the_curve_schedule_arms_by_their_final_evaluation(tmp_path):
+    """The ablation runs on the curve schedule itself: its arms' final AP (mean ± std over seeds)
+    are the figure's rows, in the arms' order, beside those of any other schedule."""
+    def curve(arm, seed, aps, gmacs):
+        evaluations = [{"iteration": 300 * (i + 1), "branch_off": {"AP": ap}} for i, ap in enumerate(aps)]
+        return _result(arm, seed, aps[-1], 80.0, gmacs, schedule="curve", own=2400, total=2400,
+                       evaluations=evaluations)
+    results = [
+        curve("castling", 1, [40.0, 50.0], 7.0), curve("castling", 0, [45.0, 52.0], 7.0),
+        curve("softmax", 0, [44.0, 51.0], 13.0), _result("window", 0, 45.0, 80.0, 10.5),
+    ]
+    rows = plot_accuracy(results, list(tool.ARMS), tmp_path / "accuracy.png")
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [(row["schedule"], row["arm"]) for row in rows] == [
+        ("curve", "softmax"), ("curve", "castling"), ("iters600", "window")
+    ]
+    castling = rows[1]
+    assert castling["ap"] == [52.0, 50.0] and castling["ap_mean"] == 51.0 and castling["gmacs"] == 7.0
+    assert castling["ap_std"] == pytest.approx(2 ** 0.5)
 
 
 def test_branch_figure_without_any_branch_is_a_note(tmp_path):

@@ -1,5 +1,5 @@
 """The BCCD ablation report's figures, from its result files: ``accuracy.png`` (learning curves;
-box AP against ViT GMACs) and ``branch.png`` (the softmax branch's kept mass and share per block
+final box AP per arm, with its ViT GMACs) and ``branch.png`` (the softmax branch's kept mass and share per block
 over training)."""
 import math
 from pathlib import Path
@@ -29,41 +29,54 @@ def _finish(ax, empty_text: str) -> None:
         ax.text(0.5, 0.5, empty_text, ha="center", va="center", transform=ax.transAxes)
 
 
-def plot_accuracy(results: List[Dict], arm_order: Sequence[str], path) -> None:
-    """Write ``path``: left, the ``curve`` schedule's learning curves; right, box AP (mean ± std
-    over seeds) against ViT GMACs for every arm of every other schedule (arms in ``arm_order``)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+def plot_accuracy(results: List[Dict], arm_order: Sequence[str], path) -> List[Dict]:
+    """Write ``path``: left, the ``curve`` schedule's learning curves (a colour per arm, a line
+    style per seed); right, for every schedule, each arm's box AP at its final evaluation (mean ±
+    std over seeds, every seed's value as a dot), a row per arm labelled with its ViT GMACs, arms in
+    ``arm_order``.
+
+    Returns:
+        The rows of the right panel, top first: ``schedule``, ``arm``, ``gmacs``, ``ap`` (per
+        seed), ``ap_mean``, ``ap_std``.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
     grouped = group_results(results, arm_order)
-    for runs in grouped.get(CURVE, {}).values():
-        for result in runs:
-            left.plot(*curve_points(result), marker="o", label=f"{result['arm']} seed {result['seed']}")
+    colours = plt.get_cmap("tab10").colors
+    for index, (arm, runs) in enumerate(grouped.get(CURVE, {}).items()):
+        for seed_index, result in enumerate(runs):
+            label = f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if seed_index == 0 else None
+            left.plot(*curve_points(result), marker="o", markersize=3, color=colours[index % len(colours)],
+                      linestyle=("-", "--", ":", "-.")[seed_index % 4], label=label)
     left.set(
         xlabel="iteration (teacher's included)", ylabel="BCCD val box AP, branch off",
-        title="learning curve (curve)",
+        title="learning curves (curve schedule; line style: seed)",
     )
-    markers = iter("osD^v<>p*h" * 10)
-    for name, by_arm in grouped.items():
-        if name == CURVE:
-            continue
-        summaries = [summarize_arm(runs) for runs in by_arm.values()]
-        right.errorbar(
-            [s["gmacs"] for s in summaries], [s["ap_mean"] for s in summaries],
-            yerr=[s["ap_std"] or 0.0 for s in summaries], fmt=next(markers), capsize=3, label=name,
-        )
-        for s in summaries:
-            right.annotate(
-                s["arm"], (s["gmacs"], s["ap_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7
-            )
-    right.set(
-        xlabel="ViT GMACs, 640×480, branch off", ylabel="BCCD val box AP, branch off (mean ± std)",
-        title="ablation",
-    )
-    right.margins(x=0.15)  # room for the labels of the outermost arms
+    # Right: one row per arm, top to bottom in arm_order; many arms share a GMAC count, so the
+    # cost goes into the row's label rather than on an axis.
+    points = [
+        {"schedule": name, **{key: summary[key] for key in ("arm", "gmacs", "ap", "ap_mean", "ap_std")}}
+        for name, by_arm in grouped.items()
+        for summary in (summarize_arm(runs) for runs in by_arm.values())
+    ]
+    rows = list(range(len(points)))[::-1]
+    several_schedules = len(grouped) > 1
+    for row, point in zip(rows, points):
+        right.scatter(point["ap"], [row] * len(point["ap"]), s=14, color="gray", alpha=0.5,
+                      label="a seed" if row == rows[0] else None)
+        right.errorbar(point["ap_mean"], row, xerr=point["ap_std"] or 0.0, fmt="o", color="black",
+                       capsize=3, label="mean ± std" if row == rows[0] else None)
+    right.set_yticks(rows, [
+        (f"{point['schedule']}: " if several_schedules else "") + f"{point['arm']} ({point['gmacs']:.2f} GMACs)"
+        for point in points
+    ], fontsize=7)
+    right.set(xlabel="BCCD val box AP at the final evaluation, branch off",
+              title="final box AP per arm (ViT GMACs at 640×480)")
     for ax in (left, right):
         _finish(ax, "no runs yet")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return points
 
 
 def _nan_for_none(values: List[Optional[float]]) -> List[float]:
