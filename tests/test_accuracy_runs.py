@@ -522,6 +522,13 @@ def test_accuracy_figure_ranks_the_curve_schedule_arms_by_their_final_evaluation
     assert castling["ap_std"] == pytest.approx(2 ** 0.5)
 
 
+def test_branch_figure_draws_one_seed_per_arm(tmp_path):
+    castling = _branch_results()[0]
+    second_seed = {**castling, "seed": 1}
+    drawn = plot_branch([second_seed, castling], list(tool.ARMS), tmp_path / "branch.png")
+    assert drawn == ["iters600 castling seed 0"]
+
+
 def test_branch_figure_without_any_branch_is_a_note(tmp_path):
     softmax = _branch_results()[2]
     assert plot_branch([softmax], list(tool.ARMS), tmp_path / "branch.png") == []

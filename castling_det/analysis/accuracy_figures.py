@@ -109,18 +109,20 @@ def _draw_statistic(ax, result: Dict, name: str, title: str) -> None:
 
 
 def plot_branch(results: List[Dict], arm_order: Sequence[str], path) -> List[str]:
-    """Write ``path``: for each run with a softmax branch and a stored trajectory (arms in
-    ``arm_order``), its kept mass and its share of the attention sum per block against the
+    """Write ``path``: for each arm with a softmax branch, its lowest seed with a stored trajectory
+    (arms in ``arm_order``), its kept mass and its share of the attention sum per block against the
     iteration; a note alone when no run has one.
 
     Returns:
         The runs drawn, ``"{schedule} {arm} seed {seed}"`` each.
     """
     grouped = group_results(results, arm_order)
-    runs = [
-        result for by_arm in grouped.values() for arm_runs in by_arm.values() for result in arm_runs
-        if has_branch(result) and result.get("branch_trajectory")
-    ]
+    # One run per arm (its lowest seed): the seeds' trajectories look alike, and a row per run
+    # would grow the figure past a size worth keeping in the repository.
+    runs = []
+    for by_arm in grouped.values():
+        for arm_runs in by_arm.values():
+            runs.extend([r for r in arm_runs if has_branch(r) and r.get("branch_trajectory")][:1])
     fig, axes = plt.subplots(max(len(runs), 1), 2, figsize=(13, 3.6 * max(len(runs), 1)), squeeze=False)
     for (mass_ax, share_ax), result in zip(axes, runs):
         _draw_statistic(mass_ax, result, "kept_mass", "kept softmax mass per query")
@@ -128,6 +130,6 @@ def plot_branch(results: List[Dict], arm_order: Sequence[str], path) -> List[str
     for ax in axes.flat:
         _finish(ax, "no run with a softmax branch (and a stored trajectory) yet")
     fig.tight_layout()
-    fig.savefig(Path(path), dpi=110)
+    fig.savefig(Path(path), dpi=72)
     plt.close(fig)
     return [f"{r['schedule']} {r['arm']} seed {r['seed']}" for r in runs]
