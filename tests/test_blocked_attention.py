@@ -14,8 +14,8 @@ from castling_det.modeling.blocked_attention import (
 )
 
 # Per-token error ‖out − ref‖ / ‖ref‖ against float64 on the same rounded q, k, v and weights:
-# the output is rounded twice (the convolution, then the sum), so about 2u (bf16 u = 2^-8,
-# fp16 u = 2^-11), and 3u leaves room for the fp32 arithmetic.
+# the output is rounded at most twice (with the grid convolution: its output, then the sum), so
+# about 2u (bf16 u = 2^-8, fp16 u = 2^-11), and 3u leaves room for the fp32 arithmetic.
 TOKEN_BOUND = {torch.float32: 1e-6, torch.bfloat16: 3 * 2.0**-8, torch.float16: 3 * 2.0**-11}
 
 
@@ -47,11 +47,14 @@ CONVS = [("seq", 9), ("grid", 3), ("grid", 5)]
 
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
 @pytest.mark.parametrize("conv_kind,kernel_size", CONVS, ids=[f"{c}{k}" for c, k in CONVS])
-@pytest.mark.parametrize("block_tokens", [16, None], ids=["ragged-blocks", "one-block"])
+@pytest.mark.parametrize(
+    "block_tokens", [3, 16, None], ids=["blocks-inside-the-halo", "ragged-blocks", "one-block"]
+)
 def test_blocked_equals_the_eager_reference_in_float64(conv_kind, kernel_size, learned, block_tokens):
     torch.manual_seed(0)
     module = _module(conv_kind, kernel_size, learned).double()
-    height, width = 5, 7  # 35 tokens: blocks of 16, 16 and 3
+    # 35 tokens: blocks of 16, 16 and 3, or of 3 (fewer than the 9x1 convolution's halo of 4 a side)
+    height, width = 5, 7
     with torch.no_grad():
         q, k, v = module._project_qkv(torch.randn(2, height, width, 32, dtype=torch.float64))
         out = blocked_linear_angular_attention(
