@@ -36,6 +36,7 @@ from castling_det.analysis import (
     write_json_atomic,
 )
 from castling_det.analysis.accuracy_figures import plot_accuracy, plot_branch
+from castling_det.analysis.readme_tables import BEGIN_MARKER, END_MARKER, readme_tables, replace_marked_block
 from castling_det.commands import benchmark_accuracy as tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,14 +337,15 @@ MACHINE = {"model_name": "Test CPU", "cpus": 2, "avx512f": True, "amx_tile": Fal
 
 
 def _result(arm, seed, ap_off, ap50_off, gmacs, schedule="iters600", ap_on=None, kept=None, wall=600.0,
-            untimed=False, evaluations=None, own=600, total=600, extra_opts=(), threads=(None,)):
+            untimed=False, evaluations=None, own=600, total=600, extra_opts=(), threads=(None,), teacher=None):
     final = {"iteration": own, "branch_off": {"AP": ap_off, "AP50": ap50_off}}
     if ap_on is not None:
         final["branch_on"] = {"AP": ap_on, "AP50": 0.0}
     stats = {"records": 5, "blocks": {}, "blocks_kept_mass_above_5pct": kept[0], "num_blocks": kept[1]} if kept \
         else {"records": 0, "blocks": None, "blocks_kept_mass_above_5pct": None, "num_blocks": None}
     return {"arm": arm, "description": f"{arm} arm", "schedule": schedule, "seed": seed,
-            "total_iterations": total, "own_iterations": own, "evaluations": evaluations or [final],
+            "total_iterations": total, "own_iterations": own, "teacher_checkpoint": teacher,
+            "evaluations": evaluations or [final],
             "final": final, "vit_gmacs_640x480": gmacs, "wall_seconds": wall, "segments": len(threads),
             "segment_threads": list(threads),
             "untimed_prior_run": untimed, "branch_first_half": stats, "machine": MACHINE, "commit": "abc123",
@@ -584,3 +586,119 @@ def test_command_line_keeps_its_interface():
     helped = subprocess.run([sys.executable, "tools/benchmark_accuracy.py", "--help"], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert helped.returncode == 0 and "{run,record,report}" in helped.stdout, helped.stderr[-2000:]
+
+
+def _curve_run(arm, seed, aps, gmacs, ap_on=None, kept=None, own=2400, teacher=None):
+    """A curve-schedule result evaluated every 600 of its own iterations (``aps``, branch off)."""
+    evaluations = [{"iteration": 600 * (i + 1), "branch_off": {"AP": ap}} for i, ap in enumerate(aps)]
+    return _result(arm, seed, aps[-1], 80.0, gmacs, schedule="curve", ap_on=ap_on, kept=kept, own=own,
+                   total=2400, evaluations=evaluations, teacher=teacher)
+
+
+def _readme_runs():
+    return [
+        _curve_run("softmax", 0, [40.0, 50.0, 52.0, 56.5], 13.22),
+        _curve_run("softmax", 1, [41.0, 49.0, 53.0, 57.3], 13.22),
+        _curve_run("window", 0, [39.0, 45.0, 50.0, 55.7], 10.53),
+        # Gaps -0.3 and -0.5 -> −0.4 (a true minus); the same kept count in both seeds.
+        _curve_run("castling", 0, [42.0, 50.0, 53.0, 57.5], 6.97, ap_on=57.2, kept=(0, 12)),
+        _curve_run("castling", 1, [43.0, 51.0, 52.0, 56.9], 6.97, ap_on=56.4, kept=(0, 12)),
+        # Evaluated branch on too, but trained without a branch: no gap.
+        _curve_run("castling-no-branch", 0, [44.0, 49.0, 54.0, 57.4], 6.97, ap_on=57.3),
+        _curve_run("castling-relative", 0, [38.0, 46.0, 54.0, 56.7], 6.97, ap_on=56.8, kept=(12, 12)),
+        _curve_run("castling-relative", 1, [44.0, 48.0, 54.0, 57.5], 6.97, ap_on=57.6, kept=(11, 12)),
+        # From softmax seed 0's checkpoint at 1200: its evaluations at 600 and 1200 lead the row.
+        _curve_run("castling-switch", 0, [53.1, 56.8], 6.97, ap_on=57.0, kept=(12, 12), own=1200,
+                   teacher="output/benchmark_accuracy/curve/softmax-seed0/model_0001199.pth"),
+        _result("castling", 0, 1.0, 2.0, 7.0),  # iters600: not in the README's tables
+    ]
+
+
+_README_LABELS = {"window": "ViTDet layout", "castling": "the paper's recipe", "castling-switch": "from softmax"}
+
+
+def test_readme_curve_table_rows_label_first_seeds_and_lead_a_switch_with_its_teacher():
+    lines = readme_tables(_readme_runs(), list(tool.ARMS), _README_LABELS).splitlines()
+    table = lines[1:lines.index("", 1)]
+    assert table == [
+        "| arm (curve schedule) | seed | AP @ 600 | 1200 | 1800 | 2400 | AP gap, branch on − off | ViT GMACs, 640×480 |",
+        "|---|---|---|---|---|---|---|---|",
+        "| softmax | 0 | 40.0 | 50.0 | 52.0 | 56.5 | — | 13.22 |",
+        "| softmax | 1 | 41.0 | 49.0 | 53.0 | 57.3 | — | 13.22 |",
+        "| window (ViTDet layout) | 0 | 39.0 | 45.0 | 50.0 | 55.7 | — | 10.53 |",
+        "| castling (the paper's recipe) | 0 | 42.0 | 50.0 | 53.0 | 57.5 | −0.3 | 6.97 |",
+        "| castling | 1 | 43.0 | 51.0 | 52.0 | 56.9 | −0.5 | 6.97 |",
+        "| castling-no-branch | 0 | 44.0 | 49.0 | 54.0 | 57.4 | — | 6.97 |",
+        "| castling-relative | 0 | 38.0 | 46.0 | 54.0 | 56.7 | +0.1 | 6.97 |",
+        "| castling-relative | 1 | 44.0 | 48.0 | 54.0 | 57.5 | +0.1 | 6.97 |",
+        "| castling-switch (from softmax) | 0 | 40.0 | 50.0 | 53.1 | 56.8 | +0.2 | 6.97 |",
+    ]
+
+
+def test_readme_summary_table_aggregates_seeds_as_the_readme_prints_them():
+    lines = readme_tables(_readme_runs(), list(tool.ARMS), _README_LABELS).splitlines()
+    assert lines[0] == "" and lines[-1] == ""  # blank lines inside the markers
+    assert "At 2400 iterations, per arm (box AP with the branch off, as deployed: mean ± sample std over the" in lines
+    table = lines[lines.index("| arm | seeds | box AP | AP gap, on − off | ViT GMACs, 640×480 | ÷ window "
+                              "| blocks kept mass > 5 %, 1st half |"):-1]
+    # 13.22 / 10.53 = 1.26; 6.97 / 10.53 = 0.66; std of 56.5 and 57.3 is 0.57.
+    assert table[2:] == [
+        "| softmax | 0, 1 | 56.9 ± 0.6 [56.5, 57.3] | — | 13.22 | 1.26 | — |",
+        "| window (ViTDet layout) | 0 | 55.7 [55.7] | — | 10.53 | 1.00 | — |",
+        "| castling (the paper's recipe) | 0, 1 | 57.2 ± 0.4 [57.5, 56.9] | −0.4 | 6.97 | 0.66 | 0/12 in each |",
+        "| castling-no-branch | 0 | 57.4 [57.4] | — | 6.97 | 0.66 | — |",
+        "| castling-relative | 0, 1 | 57.1 ± 0.6 [56.7, 57.5] | +0.1 | 6.97 | 0.66 | 12/12, 11/12 |",
+        "| castling-switch (from softmax) | 0 | 56.8 [56.8] | +0.2 | 6.97 | 0.66 | 12/12 |",
+    ]
+
+
+def test_readme_tables_need_the_curve_schedule():
+    with pytest.raises(AblationError, match="'curve' schedule"):
+        readme_tables([_result("castling", 0, 1.0, 2.0, 7.0)], list(tool.ARMS), {})
+
+
+def test_marked_block_is_replaced_and_the_rest_kept_byte_for_byte():
+    before = "# Title\r\nkept  \t\r\n"
+    after = "\n  trailing text without newline"
+    text = f"{before}{BEGIN_MARKER}\r\nold table\n\nold line\n{END_MARKER}{after}"
+    assert replace_marked_block(text, "new\n", "X.md") == f"{before}{BEGIN_MARKER}\r\nnew\n{END_MARKER}{after}"
+
+
+@pytest.mark.parametrize("text, message", [
+    (f"a\n{END_MARKER}\n", f"X.md lacks the marker line {BEGIN_MARKER}"),
+    (f"{BEGIN_MARKER}\nb\n", f"X.md lacks the marker line {END_MARKER}"),
+    # A marker quoted in a sentence is not a marker line.
+    (f"see {BEGIN_MARKER}\n{END_MARKER}\n", f"X.md lacks the marker line {BEGIN_MARKER}"),
+    (f"{BEGIN_MARKER}\n{BEGIN_MARKER}\n{END_MARKER}\n", f"X.md has 2 marker lines {BEGIN_MARKER}"),
+    (f"{END_MARKER}\nb\n{BEGIN_MARKER}\n", f"X.md has the marker line {END_MARKER} before {BEGIN_MARKER}"),
+])
+def test_bad_markers_are_named(text, message):
+    with pytest.raises(AblationError) as error:
+        replace_marked_block(text, "new\n", "X.md")
+    assert str(error.value).startswith(message)
+
+
+def test_report_writes_the_readme_tables_between_the_markers(tmp_path, capsys):
+    runs, out, readme = tmp_path / "runs", tmp_path / "report", tmp_path / "README.md"
+    for result in _readme_runs():
+        write_json_atomic(runs / result["schedule"] / f"{result['arm']}-seed{result['seed']}.json", result)
+    before, after = "# Results\n\n", "\n![figure](accuracy.png)\n"
+    readme.write_text(f"{before}{BEGIN_MARKER}\n| stale | table |\n{END_MARKER}{after}")
+    tool.run(["report", "--results-dir", str(runs), "--output-dir", str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith(f"{before}{BEGIN_MARKER}\n\n| arm (curve schedule) |")
+    assert text.endswith(f"| 12/12 |\n\n{END_MARKER}{after}")
+    assert "| stale | table |" not in text
+    assert f"| castling ({tool.README_LABELS['castling']}) | 0 | 42.0 |" in text
+    assert f"{readme}: tables rewritten" in capsys.readouterr().out
+
+
+def test_report_with_unmarked_readme_fails_before_writing_anything(tmp_path):
+    runs, out, readme = tmp_path / "runs", tmp_path / "report", tmp_path / "README.md"
+    for result in _readme_runs():
+        write_json_atomic(runs / result["schedule"] / f"{result['arm']}-seed{result['seed']}.json", result)
+    readme.write_text(f"{BEGIN_MARKER}\nno end marker\n")
+    with pytest.raises(SystemExit) as exited:
+        tool.run(["report", "--results-dir", str(runs), "--output-dir", str(out), "--readme", str(readme)])
+    assert str(readme) in str(exited.value) and END_MARKER in str(exited.value)
+    assert not out.exists() and readme.read_text() == f"{BEGIN_MARKER}\nno end marker\n"

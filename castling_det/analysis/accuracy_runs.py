@@ -52,6 +52,7 @@ __all__ = [
     "schedule_overrides",
     "summarize_arm",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 CURVE = "curve"
@@ -272,11 +273,17 @@ def write_json_atomic(path, data) -> None:
     """Write ``data`` as indented JSON to ``path``, each list of numbers on one line (a branch
     trajectory stays a few hundred lines), through a temporary file, so a kill leaves the old file
     or the new one, never half of one."""
+    text = _SPREAD_SCALAR_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(data, indent=1))
+    write_text_atomic(path, text + "\n")
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file, so a kill leaves the old file
+    or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = _SPREAD_SCALAR_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(data, indent=1))
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -399,11 +406,12 @@ def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def format_mean_std(values: Sequence[float]) -> str:
-    """``"mean ± std [v1, v2, ...]"`` to one decimal, with "—" for the std of a single value."""
+def format_mean_std(values: Sequence[float], std_of_one: str = " ± —") -> str:
+    """``"mean ± std [v1, v2, ...]"`` to one decimal; a single value has ``std_of_one`` in place
+    of `` ± std`` (e.g. "" for ``"mean [v1]"``)."""
     mean, std = mean_std(values)
-    spread = "—" if std is None else f"{std:.1f}"
-    return f"{mean:.1f} ± {spread} [{', '.join(f'{v:.1f}' for v in values)}]"
+    spread = std_of_one if std is None else f" ± {std:.1f}"
+    return f"{mean:.1f}{spread} [{', '.join(f'{v:.1f}' for v in values)}]"
 
 
 def summarize_arm(results: Sequence[Dict]) -> Dict:

@@ -26,7 +26,9 @@ branch; format in castling_det.analysis.branch_stats.branch_trajectory), machine
 format (e.g. adding branch_trajectory to a result stored before it existed); it keeps the stored
 machine and extra_opts, trains nothing and deletes nothing. ``report`` writes results.md (the
 tables, the softmax branch's included), accuracy.png and branch.png (kept mass and share per block
-against the iteration, for every run with a branch).
+against the iteration, for every run with a branch); with ``--readme``, it also rewrites the
+``curve`` schedule's two tables in that file, between its lines ``<!-- bccd-accuracy-tables:begin -->``
+and ``<!-- bccd-accuracy-tables:end -->`` (README_LABELS below names some arms there).
 
 Relative paths are taken from the current directory; train_net runs in the repository root.
 
@@ -36,7 +38,7 @@ Usage:
     python tools/benchmark_accuracy.py record [--work-dir output/benchmark_accuracy] \\
         [--results-dir docs/benchmarks/bccd/runs]
     python tools/benchmark_accuracy.py report [--results-dir docs/benchmarks/bccd/runs] \\
-        [--output-dir docs/benchmarks/bccd]
+        [--output-dir docs/benchmarks/bccd] [--readme README.md]
 
 Installed with pip (in a checkout, editable), the same tool is the ``castling-benchmark-accuracy``
 command. Config overrides after the options are added to every run; put ``--`` before them when
@@ -76,7 +78,9 @@ from castling_det.analysis.accuracy_runs import (
     run_decision,
     run_finished,
     write_json_atomic,
+    write_text_atomic,
 )
+from castling_det.analysis.readme_tables import readme_tables, replace_marked_block
 
 # The checkout holding this package (castling_det/commands/ is two levels below it).
 REPO = Path(__file__).resolve().parents[2]
@@ -163,6 +167,17 @@ ARMS: Dict[str, Arm] = {
         "window attention, castling at blocks 2, 5, 8, 11 (linear everywhere)",
         _recipe(_CASTLING, (ATTN_KINDS, _kinds("castling"))),
     ),
+}
+
+# A few words after an arm's name in the README's tables (the curve schedule's), for the arms its
+# text discusses by role.
+README_LABELS: Dict[str, str] = {
+    "window": "ViTDet layout",
+    "castling": "the paper's recipe",
+    "castling-no-branch": "the branch never on",
+    "castling-relative": "the default: relative mask 1/N, no L1",
+    **{f"castling-grid{k}": f"{k}×{k} conv on the token grid" for k in (3, 5, 7)},
+    "castling-switch": "softmax to 1200, then its own 1200",
 }
 
 
@@ -377,11 +392,21 @@ def record_stored(args) -> None:
             )
 
 
+def readme_with_tables(path: str, results: List[Dict]) -> str:
+    """The text of the Markdown file ``path`` with the curve schedule's tables between its marker
+    lines (read as bytes, so that its line endings stay as they are)."""
+    text = Path(path).read_bytes().decode("utf-8")
+    return replace_marked_block(text, readme_tables(results, list(ARMS), README_LABELS), path)
+
+
 def report(args) -> None:
-    """The ``report`` subcommand: results.md, accuracy.png and branch.png from every stored result."""
+    """The ``report`` subcommand: results.md, accuracy.png and branch.png from every stored result,
+    and (``--readme``) the README's tables between their markers."""
     results = load_results(args.results_dir)
     if not results:
         raise AblationError(f"no result file under --results-dir {args.results_dir}")
+    # The README is checked before anything is written: a missing marker leaves every file as it was.
+    readme = None if args.readme is None else readme_with_tables(args.readme, results)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     markdown = results_markdown(results, list(ARMS))
@@ -390,6 +415,9 @@ def report(args) -> None:
     drawn = plot_branch(results, list(ARMS), output_dir / "branch.png")
     print(markdown)
     print(f"[benchmark_accuracy] branch.png: {', '.join(drawn) or 'no run with a softmax branch'}", flush=True)
+    if readme is not None:
+        write_text_atomic(args.readme, readme)
+        print(f"[benchmark_accuracy] {args.readme}: tables rewritten between their markers", flush=True)
 
 
 def positive_int(text: str) -> int:
@@ -428,6 +456,12 @@ def argument_parser() -> argparse.ArgumentParser:
     report_parser = commands.add_parser("report", help="tables and figure from the stored results")
     report_parser.add_argument("--results-dir", default=str(REPO / RESULTS_DIR))
     report_parser.add_argument("--output-dir", default=str(REPO / "docs/benchmarks/bccd"))
+    report_parser.add_argument(
+        "--readme", metavar="PATH",
+        help="also rewrite the curve schedule's two tables in this Markdown file (e.g. README.md), "
+        "between its lines <!-- bccd-accuracy-tables:begin --> and <!-- bccd-accuracy-tables:end -->; "
+        "default: none (only --output-dir's files are written)",
+    )
     return parser
 
 
