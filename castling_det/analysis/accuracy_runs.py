@@ -283,7 +283,7 @@ def write_text_atomic(path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(text.encode("utf-8"))  # bytes: no newline translation, "\r\n" kept as it is
     os.replace(tmp, path)
 
 

@@ -177,7 +177,7 @@ README_LABELS: Dict[str, str] = {
     "castling-no-branch": "the branch never on",
     "castling-relative": "the default: relative mask 1/N, no L1",
     **{f"castling-grid{k}": f"{k}×{k} conv on the token grid" for k in (3, 5, 7)},
-    "castling-switch": "softmax to 1200, then its own 1200",
+    "castling-switch": "from the softmax twin at half the schedule",
 }
 
 

@@ -94,8 +94,8 @@ class _Scratch:
     def read(self, index: int, source: torch.Tensor) -> torch.Tensor:
         """``source`` copied (and cast) into buffer ``index``. Copied even when its dtype is
         the scratch's: on the projection's strided views (a token's head every 3·heads·d
-        elements) the matmuls, norms and multiply-adds ran 1.5-5× slower than on a contiguous
-        copy, and the copy costs about as much as one in-cache pass."""
+        elements) the matmuls, norms and multiply-adds ran slower than on a contiguous copy
+        (1.5-5× in one profile on a shared 2-core EPYC), and the copy costs about one in-cache pass."""
         return self.block(index, source.shape).copy_(source)
 
 
