@@ -16,6 +16,7 @@ import pytest
 from castling_det.analysis import (
     AblationError,
     Schedule,
+    branch_gap_mean,
     branch_trajectory,
     build_result,
     check_teacher,
@@ -33,6 +34,7 @@ from castling_det.analysis import (
     results_markdown,
     run_decision,
     schedule_overrides,
+    summarize_arm,
     write_json_atomic,
 )
 from castling_det.analysis.accuracy_figures import plot_accuracy, plot_branch
@@ -702,3 +704,14 @@ def test_report_with_unmarked_readme_fails_before_writing_anything(tmp_path):
         tool.run(["report", "--results-dir", str(runs), "--output-dir", str(out), "--readme", str(readme)])
     assert str(readme) in str(exited.value) and END_MARKER in str(exited.value)
     assert not out.exists() and readme.read_text() == f"{BEGIN_MARKER}\nno end marker\n"
+
+
+def test_branch_gap_counts_only_runs_trained_with_a_branch_in_both_tables():
+    # Trained without a branch, evaluated both ways: no gap, in results.md and the README alike.
+    no_branch = _result("castling-no-branch", 0, 57.5, 80.0, 7.0, ap_on=57.4)
+    with_branch = [_result("castling", 0, 57.5, 80.0, 7.0, ap_on=57.2, kept=(0, 12)),
+                   _result("castling", 1, 58.0, 80.0, 7.0, ap_on=57.6, kept=(0, 12))]
+    assert branch_gap_mean([no_branch]) is None
+    assert summarize_arm([no_branch])["gap_mean"] is None
+    assert branch_gap_mean(with_branch) == pytest.approx(-0.35)
+    assert summarize_arm(with_branch)["gap_mean"] == pytest.approx(-0.35)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from .branch_stats import branch_markdown
+from .branch_stats import branch_markdown, has_branch
 
 __all__ = [
     "AblationError",
@@ -414,13 +414,23 @@ def format_mean_std(values: Sequence[float], std_of_one: str = " ± —") -> str
     return f"{mean:.1f}{spread} [{', '.join(f'{v:.1f}' for v in values)}]"
 
 
+def branch_gap_mean(results: Sequence[Dict]) -> Optional[float]:
+    """Mean final box AP gap, branch on minus off, over the runs trained with a softmax branch
+    and evaluated both ways; None if none was (a run trained without a branch may still be
+    evaluated both ways, but it has no branch to switch off)."""
+    gaps = [
+        result["final"]["branch_on"]["AP"] - result["final"]["branch_off"]["AP"]
+        for result in results if has_branch(result) and "branch_on" in result["final"]
+    ]
+    return statistics.mean(gaps) if gaps else None
+
+
 def summarize_arm(results: Sequence[Dict]) -> Dict:
     """The aggregates of one arm's runs (one per seed) in one schedule, from their final evaluation.
 
     Returns:
         ``arm``, ``description``, ``seeds``, ``ap`` (branch-off box AP per seed), ``ap_mean``,
-        ``ap_std`` (None for one seed), ``ap50_mean``, ``gap_mean`` (branch on minus off, over the
-        seeds evaluated both ways; None if none), ``gmacs``, ``kept_blocks`` (``"k/num"`` per seed,
+        ``ap_std`` (None for one seed), ``ap50_mean``, ``gap_mean`` (see :func:`branch_gap_mean`), ``gmacs``, ``kept_blocks`` (``"k/num"`` per seed,
         None without branch statistics), ``total_iterations``, ``minutes`` (mean wall time of the
         fully timed runs; None if none), ``untimed``, ``switched`` and ``fewer_threads`` (part of
         a run trained with fewer threads than CPUs) flags.
@@ -428,7 +438,6 @@ def summarize_arm(results: Sequence[Dict]) -> Dict:
     finals = [result["final"] for result in results]
     ap = [final["branch_off"]["AP"] for final in finals]
     ap_mean, ap_std = mean_std(ap)
-    gaps = [final["branch_on"]["AP"] - final["branch_off"]["AP"] for final in finals if "branch_on" in final]
     timed = [result["wall_seconds"] for result in results if not result["untimed_prior_run"]]
     kept = []
     for result in results:
@@ -443,7 +452,7 @@ def summarize_arm(results: Sequence[Dict]) -> Dict:
         "ap_mean": ap_mean,
         "ap_std": ap_std,
         "ap50_mean": statistics.mean(final["branch_off"]["AP50"] for final in finals),
-        "gap_mean": statistics.mean(gaps) if gaps else None,
+        "gap_mean": branch_gap_mean(results),
         "gmacs": statistics.mean(result["vit_gmacs_640x480"] for result in results),
         "kept_blocks": kept or None,
         "total_iterations": sorted({result["total_iterations"] for result in results}),

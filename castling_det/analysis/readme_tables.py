@@ -11,6 +11,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from .accuracy_runs import (
     CURVE,
     AblationError,
+    branch_gap_mean,
     curve_points,
     format_mean_std,
     group_results,
@@ -18,7 +19,6 @@ from .accuracy_runs import (
     run_dir,
     summarize_arm,
 )
-from .branch_stats import has_branch
 
 __all__ = ["BEGIN_MARKER", "END_MARKER", "readme_tables", "replace_marked_block"]
 
@@ -36,14 +36,9 @@ def _signed(value: float) -> str:
     return f"{value:+.1f}".replace("-", "−")
 
 
-def _gap_cell(results: Sequence[Dict]) -> str:
-    """Mean final AP gap, branch on minus off, of the runs trained with a softmax branch; "—"
-    when none was (a run without branch may still be evaluated both ways)."""
-    gaps = [
-        r["final"]["branch_on"]["AP"] - r["final"]["branch_off"]["AP"]
-        for r in results if has_branch(r) and "branch_on" in r["final"]
-    ]
-    return _signed(statistics.mean(gaps)) if gaps else "—"
+def _gap_cell(gap: Optional[float]) -> str:
+    """A branch on − off gap (:func:`branch_gap_mean`) signed, or "—" without one."""
+    return "—" if gap is None else _signed(gap)
 
 
 def _labelled(arm: str, labels: Mapping[str, str]) -> str:
@@ -90,7 +85,7 @@ def _curve_table(by_arm: Dict[str, List[Dict]], labels: Mapping[str, str]) -> Li
         cells = [f"{curve[i]:.1f}" if i in curve else "—" for i in iterations]
         lines.append(
             f"| {name} | {result['seed']} | " + " | ".join(cells)
-            + f" | {_gap_cell([result])} | {result['vit_gmacs_640x480']:.2f} |"
+            + f" | {_gap_cell(branch_gap_mean([result]))} | {result['vit_gmacs_640x480']:.2f} |"
         )
     return lines
 
@@ -118,7 +113,7 @@ def _summary_table(by_arm: Dict[str, List[Dict]], labels: Mapping[str, str]) -> 
         ratio = "—" if window is None else f"{s['gmacs'] / window:.2f}"
         lines.append(
             f"| {_labelled(arm, labels)} | {', '.join(map(str, s['seeds']))} "
-            f"| {format_mean_std(s['ap'], std_of_one='')} | {_gap_cell(by_arm[arm])} | {s['gmacs']:.2f} "
+            f"| {format_mean_std(s['ap'], std_of_one='')} | {_gap_cell(s['gap_mean'])} | {s['gmacs']:.2f} "
             f"| {ratio} | {_kept_cell(s['kept_blocks'])} |"
         )
     return lines
