@@ -5,11 +5,13 @@ import re
 import pytest
 import torch
 from detectron2.modeling import BACKBONE_REGISTRY, build_backbone
+from detectron2.modeling.backbone.utils import PatchEmbed as D2PatchEmbed
 from detectron2.modeling.backbone.utils import get_abs_pos
 from detectron2.structures import ImageList
 
 import castling_det
 from castling_det import LinearAngularAttention, SoftmaxAttention
+from castling_det.modeling.patch_embed import PatchEmbed
 
 EMBED_DIM = 64
 FPN_CHANNELS = 32
@@ -29,6 +31,24 @@ def test_backbones_are_registered():
         "build_retinanet_castling_vit_fpn_backbone",
     ):
         assert BACKBONE_REGISTRY.get(name) is getattr(castling_det, name)
+
+
+def test_patch_embed_matmul_equals_detectron2s_convolution_values_and_gradients():
+    torch.manual_seed(0)
+    ours = PatchEmbed(patch_size=16, in_chans=3, embed_dim=EMBED_DIM)
+    reference = D2PatchEmbed(kernel_size=(16, 16), stride=(16, 16), in_chans=3, embed_dim=EMBED_DIM)
+    reference.load_state_dict(ours.state_dict())  # the same keys: checkpoints load either way
+    # 100 x 130 pixels: the conv drops the last 4 rows and 2 columns, and so must the matmul.
+    x = torch.randn(2, 3, 100, 130, requires_grad=True)
+    out, expected = ours(x), reference(x)
+    assert out.shape == (2, 6, 8, EMBED_DIM) and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    ours_grads = torch.autograd.grad(out, [x, ours.proj.weight, ours.proj.bias], grad)
+    reference_grads = torch.autograd.grad(expected, [x, reference.proj.weight, reference.proj.bias], grad)
+    for got, want in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert ours_grads[0][..., 96:, :].abs().sum() == 0  # the cropped rows get no gradient
 
 
 def test_bare_vit_shapes_on_non_multiple_input(make_castling_cfg):

@@ -12,12 +12,7 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 from detectron2.modeling.backbone import Backbone
-from detectron2.modeling.backbone.utils import (
-    PatchEmbed,
-    get_abs_pos,
-    window_partition,
-    window_unpartition,
-)
+from detectron2.modeling.backbone.utils import get_abs_pos, window_partition, window_unpartition
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
@@ -25,6 +20,7 @@ from torchvision.ops import StochasticDepth
 from .attention import LinearAngularAttention, SoftmaxAttention
 from .branch import any_branch_active
 from .cuda_graphs import ShapeGraphs
+from .patch_embed import PatchEmbed
 
 __all__ = ["ATTN_KINDS", "VIT_PRESETS", "Mlp", "Block", "CastlingViT", "vit_feature_names"]
 
@@ -223,12 +219,7 @@ class CastlingViT(Backbone):
         self.use_act_checkpoint = use_act_checkpoint
         self.cuda_graphs = cuda_graphs
         self._graphs = ShapeGraphs()
-        self.patch_embed = PatchEmbed(
-            kernel_size=(patch_size, patch_size),
-            stride=(patch_size, patch_size),
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-        )
+        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         # One slot more than the patch grid holds the class token of ViT/MAE checkpoints, so they
         # load as they are; the backbone itself does not use it.
         num_positions = (img_size // patch_size) ** 2 + 1
@@ -340,10 +331,9 @@ class CastlingViT(Backbone):
         return self._forward_eager(x)
 
     def _forward_eager(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        # PatchEmbed returns a permuted (strided) view; elementwise ops keep their input's
-        # layout, so without this copy every residual add and LayerNorm of every block would run
-        # on strided memory (about 15% of the ViT's CPU time at 1024²).
-        x = self.patch_embed(x).contiguous()
+        # Contiguous (B, H, W, C): elementwise ops keep their input's layout, and on strided
+        # memory every residual add and LayerNorm of every block would be slower.
+        x = self.patch_embed(x)
         x = x + get_abs_pos(self.pos_embed, True, x.shape[1:3])
 
         outputs = {}
