@@ -20,6 +20,7 @@ from torchvision.ops import StochasticDepth
 from .attention import LinearAngularAttention, SoftmaxAttention
 from .branch import any_branch_active
 from .cuda_graphs import ShapeGraphs
+from .fused_mlp import cpu_linear_gelu, cpu_linear_gelu_applies
 from .patch_embed import PatchEmbed
 
 __all__ = ["ATTN_KINDS", "VIT_PRESETS", "Mlp", "Block", "CastlingViT", "vit_feature_names"]
@@ -40,16 +41,26 @@ def vit_feature_names(depth: int):
 
 
 class Mlp(nn.Module):
-    """Two linear layers with a GELU between them (names as in timm, so its weights map 1:1)."""
+    """Two linear layers with a GELU between them (names as in timm, so its weights map 1:1).
 
-    def __init__(self, *, dim: int, hidden_dim: int):
+    With ``fused`` (the default), bf16 inference on CPU computes ``act(fc1(x))`` in one oneDNN
+    call (:func:`~castling_det.modeling.fused_mlp.cpu_linear_gelu`); otherwise, and whenever that
+    does not apply, the plain ops run.
+    """
+
+    def __init__(self, *, dim: int, hidden_dim: int, fused: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        if self.fused and cpu_linear_gelu_applies(x, self.fc1, self.act):
+            hidden = cpu_linear_gelu(x, self.fc1, self.act)
+        else:
+            hidden = self.act(self.fc1(x))
+        return self.fc2(hidden)
 
 
 class Block(nn.Module):
@@ -88,7 +99,7 @@ class Block(nn.Module):
             drop_path: stochastic depth rate of both residual branches.
             conv_kind, conv_kernel_size, learn_linear_weight, branch_mask, branch_threshold,
             branch_topk, branch_as_sum, branch_chunk_size, softmax_branch, compile_tail, fused: passed to
-                :class:`LinearAngularAttention` (``"castling"`` only).
+                :class:`LinearAngularAttention` (``"castling"`` only); ``fused`` also to :class:`Mlp`.
         """
         super().__init__()
         if attn_kind not in ATTN_KINDS:
@@ -120,7 +131,7 @@ class Block(nn.Module):
             self.attn = SoftmaxAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
         self.drop_path = StochasticDepth(drop_path, mode="row")
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio))
+        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), fused=fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: tokens ``(B, H, W, C)``; returns the same shape."""
