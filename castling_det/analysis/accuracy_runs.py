@@ -430,8 +430,8 @@ def summarize_arm(results: Sequence[Dict]) -> Dict:
 
     Returns:
         ``arm``, ``description``, ``seeds``, ``ap`` (branch-off box AP per seed), ``ap_mean``,
-        ``ap_std`` (None for one seed), ``ap50_mean``, ``gap_mean`` (see :func:`branch_gap_mean`), ``gmacs``, ``kept_blocks`` (``"k/num"`` per seed,
-        None without branch statistics), ``total_iterations``, ``minutes`` (mean wall time of the
+        ``ap_std`` (None for one seed), ``ap50_mean``, ``gap_mean`` (see :func:`branch_gap_mean`),
+        ``gmacs``, ``kept_blocks`` (``"k/num"`` per seed, None without branch statistics), ``total_iterations``, ``minutes`` (mean wall time of the
         fully timed runs; None if none), ``untimed``, ``switched`` and ``fewer_threads`` (part of
         a run trained with fewer threads than CPUs) flags.
     """

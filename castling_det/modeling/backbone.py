@@ -56,7 +56,7 @@ class Mlp(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and cpu_linear_gelu_applies(x, self.fc1, self.act):
+        if self.fused and cpu_linear_gelu_applies(x, self.fc1):
             hidden = cpu_linear_gelu(x, self.fc1, self.act)
         else:
             hidden = self.act(self.fc1(x))

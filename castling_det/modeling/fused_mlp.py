@@ -20,7 +20,7 @@ def _cpu_compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def cpu_linear_gelu_applies(x: torch.Tensor, linear: nn.Linear, act: nn.GELU) -> bool:
+def cpu_linear_gelu_applies(x: torch.Tensor, linear: nn.Linear) -> bool:
     """Whether :func:`cpu_linear_gelu` should replace ``act(linear(x))``: a CPU tensor computed
     in bf16 (autocast's or its own), a bias, no gradient to record (the op has no backward),
     and no tracer or compiler looking (they record, and fuse, the plain ops themselves)."""
