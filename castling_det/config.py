@@ -72,7 +72,8 @@ def add_castling_config(cfg: CN) -> CN:
     # With the branch off, at inference, run the fused deployed attention: on a CUDA GPU with
     # Triton installed two Triton kernels (head dims 16, 32, 64, 128; any dtype), on CPU the
     # blocked operator (one cache-sized block of tokens at a time); and in bf16 on CPU, every
-    # block's MLP computes fc1 and its GELU in one oneDNN call. False: the eager references.
+    # block's linear layers run as oneDNN calls with the bias (and fc1's GELU) inside the GEMM.
+    # False: the eager references.
     c.FUSED_DEPLOYED = True
     # In inference on a CUDA GPU (branch off), run the ViT as CUDA graphs, one captured per input
     # shape (and dtype) on first sight and replayed after: kernel launches no longer bound it.

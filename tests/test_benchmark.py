@@ -14,6 +14,7 @@ from castling_det.analysis import ATTENTION_FLOP_HANDLES, attention_operator
 from castling_det.analysis.profiling import self_time_growth
 from castling_det.analysis import timing
 from castling_det.analysis.timing import median_latency_ms, peak_memory_mib
+from castling_det.cpu_memory import _glibc
 from castling_det.modeling.backbone import Block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,8 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
     summary = (tmp_path / "summary.md").read_text()
     assert "## targets" in summary and "## backbone" in summary and "tools/benchmark.py" in summary
+    # The allocation policy the latencies were taken under is recorded with the machine.
+    assert f"cpu_malloc {'glibc heap reuse' if _glibc() else 'C library defaults'}" in summary
 
     backbone = _read(tmp_path / "backbone.csv")
     assert {(r["variant"], r["size"]) for r in backbone} == {

@@ -38,7 +38,7 @@ from castling_det.analysis.benchmark_report import (
     write_csv,
     write_summary,
 )
-from castling_det.analysis.machine import describe_machine
+from castling_det.analysis.machine import add_cpu_malloc_argument, apply_cpu_malloc, describe_machine
 from castling_det.analysis.model_speed import bench_backbones, bench_detectors, build_deployed_variant
 from castling_det.analysis.precision import DTYPES
 from castling_det.analysis.targets import benchmark_targets
@@ -90,6 +90,7 @@ def parse_args(argv=None):
     parser.add_argument("--operator-heads", type=int, default=12)
     parser.add_argument("--large-tokens", type=int, default=65536, help="a square number")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    add_cpu_malloc_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every variant")
     args = parser.parse_args(argv)
     try:
@@ -147,6 +148,8 @@ def main(argv=None) -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     machine = describe_machine(device)
+    if device.type == "cpu":
+        machine["cpu_malloc"] = apply_cpu_malloc(args.cpu_malloc)
     print("machine", machine)
     torch.manual_seed(0)
     timing = {"warmup": args.warmup, "repeats": args.repeats}

@@ -16,6 +16,7 @@ import torch
 from detectron2.modeling import build_model
 
 from castling_det import load_castling_config, set_softmax_branch
+from castling_det.analysis.machine import add_cpu_malloc_argument, apply_cpu_malloc
 from castling_det.analysis.precision import DTYPES
 from castling_det.analysis.profiling import operator_self_times_ms, self_time_growth
 
@@ -26,8 +27,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", nargs=2, type=int, default=[1024, 2048])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--rows", type=int, default=14)
+    add_cpu_malloc_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
+    malloc = apply_cpu_malloc(args.cpu_malloc)
 
     cfg = load_castling_config(args.config_file, args.opts, device="cpu")
     model = build_model(cfg).eval()
@@ -36,7 +39,7 @@ def main(argv=None) -> None:
     small, large = args.sizes
     times = {size: operator_self_times_ms(model.backbone.net, size, cpu, dtype) for size in (small, large)}
     totals = {size: sum(times[size].values()) for size in (small, large)}
-    print(f"ViT of {args.config_file}, {args.dtype}, CPU: total self time {totals[small]:.0f} ms "
+    print(f"ViT of {args.config_file}, {args.dtype}, CPU ({malloc}): total self time {totals[small]:.0f} ms "
           f"at {small}², {totals[large]:.0f} ms at {large}² "
           f"(linear in tokens would be x{(large / small) ** 2:.1f})")
     print(f"{'operator':<32} {f'{small}² ms':>10} {f'{large}² ms':>10} {'ratio':>7}")

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .blocked_attention import blocked_attention_available, blocked_linear_angular_attention
 from .fused_attention import fused_attention_available, fused_linear_angular_attention
+from .fused_linear import linear_forward
 
 __all__ = [
     "BRANCH_MASKS",
@@ -189,12 +190,14 @@ def deployed_linear_angular_attention(
 class _MultiHeadAttention(nn.Module):
     """What every attention here shares: the q, k, v and output projections over heads."""
 
-    def __init__(self, *, dim: int, num_heads: int = 8, qkv_bias: bool = True):
+    def __init__(self, *, dim: int, num_heads: int = 8, qkv_bias: bool = True, fused: bool = True):
         """
         Args:
             dim: number of input and output channels.
             num_heads: number of attention heads; must divide ``dim``.
             qkv_bias: whether the q, k, v projection has a bias.
+            fused: in bf16 inference on CPU, compute each projection in one oneDNN call, its bias
+                inside the GEMM (:func:`~castling_det.modeling.fused_linear.cpu_fused_linear`).
         """
         super().__init__()
         if dim % num_heads != 0:
@@ -202,17 +205,18 @@ class _MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.fused = fused
 
     def _project_qkv(self, x: torch.Tensor):
         """Tokens ``(B, H, W, C)`` to q, k, v of shape ``(B, heads, H·W, C / heads)`` each."""
         batch, height, width, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
+        qkv = linear_forward(x, self.qkv, self.fused).reshape(batch, height * width, 3, self.num_heads, -1)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def _project_out(self, out: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Per-head outputs ``(B, heads, H·W, d)`` to projected tokens ``(B, H, W, C)``."""
         batch = out.shape[0]
-        return self.proj(out.transpose(1, 2).reshape(batch, height, width, -1))
+        return linear_forward(out.transpose(1, 2).reshape(batch, height, width, -1), self.proj, self.fused)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, height: int, width: int):
         raise NotImplementedError
@@ -311,9 +315,10 @@ class LinearAngularAttention(_MultiHeadAttention):
                 supports, on CPU tensors
                 :func:`~castling_det.modeling.blocked_attention.blocked_linear_angular_attention`;
                 otherwise, or when False, the eager reference. ``compile_tail`` takes precedence.
+                Also the projections' oneDNN calls in bf16 on CPU (see :class:`_MultiHeadAttention`).
             eps: lower clamp of every L2 norm.
         """
-        super().__init__(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        super().__init__(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, fused=fused)
         if conv_kind not in CONV_KINDS:
             raise ValueError(f"conv_kind={conv_kind!r} must be one of {CONV_KINDS}")
         if conv_kernel_size < 1 or conv_kernel_size % 2 == 0:
@@ -338,7 +343,6 @@ class LinearAngularAttention(_MultiHeadAttention):
         self.branch_stats: Optional[Dict[str, torch.Tensor]] = None
         self.eps = eps
         self.compile_tail = compile_tail
-        self.fused = fused
 
         self.linear_weight = nn.Parameter(torch.ones(num_heads, 1, 1)) if learn_linear_weight else None
 
@@ -442,7 +446,8 @@ class SoftmaxAttention(_MultiHeadAttention):
     """Multi-head softmax attention through ``F.scaled_dot_product_attention``.
 
     The baseline twin of :class:`LinearAngularAttention`: same projections, same layout, same
-    keyword arguments ``dim``, ``num_heads``, ``qkv_bias``. Global over its input; the block makes
+    keyword arguments ``dim``, ``num_heads``, ``qkv_bias``, ``fused`` (the projections' oneDNN calls,
+    as in :class:`_MultiHeadAttention`). Global over its input; the block makes
     it windowed by partitioning the input first.
     """
 

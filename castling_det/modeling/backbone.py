@@ -20,7 +20,7 @@ from torchvision.ops import StochasticDepth
 from .attention import LinearAngularAttention, SoftmaxAttention
 from .branch import any_branch_active
 from .cuda_graphs import ShapeGraphs
-from .fused_mlp import cpu_linear_gelu, cpu_linear_gelu_applies
+from .fused_linear import linear_forward
 from .patch_embed import PatchEmbed
 
 __all__ = ["ATTN_KINDS", "VIT_PRESETS", "Mlp", "Block", "CastlingViT", "vit_feature_names"]
@@ -43,8 +43,9 @@ def vit_feature_names(depth: int):
 class Mlp(nn.Module):
     """Two linear layers with a GELU between them (names as in timm, so its weights map 1:1).
 
-    With ``fused`` (the default), bf16 inference on CPU computes ``act(fc1(x))`` in one oneDNN
-    call (:func:`~castling_det.modeling.fused_mlp.cpu_linear_gelu`); otherwise, and whenever that
+    With ``fused`` (the default), bf16 inference on CPU computes ``act(fc1(x))`` and ``fc2`` in one
+    oneDNN call each, biases inside the GEMM
+    (:func:`~castling_det.modeling.fused_linear.cpu_fused_linear`); otherwise, and whenever that
     does not apply, the plain ops run.
     """
 
@@ -56,11 +57,8 @@ class Mlp(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and cpu_linear_gelu_applies(x, self.fc1):
-            hidden = cpu_linear_gelu(x, self.fc1, self.act)
-        else:
-            hidden = self.act(self.fc1(x))
-        return self.fc2(hidden)
+        hidden = linear_forward(x, self.fc1, self.fused, self.act)
+        return linear_forward(hidden, self.fc2, self.fused)
 
 
 class Block(nn.Module):
@@ -99,7 +97,8 @@ class Block(nn.Module):
             drop_path: stochastic depth rate of both residual branches.
             conv_kind, conv_kernel_size, learn_linear_weight, branch_mask, branch_threshold,
             branch_topk, branch_as_sum, branch_chunk_size, softmax_branch, compile_tail, fused: passed to
-                :class:`LinearAngularAttention` (``"castling"`` only); ``fused`` also to :class:`Mlp`.
+                :class:`LinearAngularAttention` (``"castling"`` only); ``fused`` also to :class:`Mlp`
+                and :class:`SoftmaxAttention` (the bf16 CPU projections), so every twin gets them.
         """
         super().__init__()
         if attn_kind not in ATTN_KINDS:
@@ -128,7 +127,7 @@ class Block(nn.Module):
                 fused=fused,
             )
         else:
-            self.attn = SoftmaxAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias)
+            self.attn = SoftmaxAttention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, fused=fused)
         self.drop_path = StochasticDepth(drop_path, mode="row")
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), fused=fused)
