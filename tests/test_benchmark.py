@@ -54,6 +54,18 @@ def test_peak_memory_counts_what_the_call_allocates():
         assert peak_memory_mib(lambda: base.sum(), CPU) < 0.01
 
 
+def test_peak_memory_is_not_lowered_by_freeing_an_earlier_tensor():
+    kept = []
+    with torch.inference_mode():
+        assert peak_memory_mib(lambda: kept.append(torch.ones(2**18)), CPU) == pytest.approx(1.0, abs=0.01)
+
+        def swap():  # frees the 1 MiB the previous call kept, then allocates 1 MiB
+            kept.clear()
+            kept.append(torch.ones(2**18))
+
+        assert peak_memory_mib(swap, CPU) == pytest.approx(1.0, abs=0.01)
+
+
 def test_median_latency_calls_warmup_plus_repeats():
     calls = []
     latency = median_latency_ms(lambda: calls.append(1), CPU, warmup=2, repeats=3)

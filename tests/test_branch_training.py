@@ -307,21 +307,35 @@ def test_two_process_gloo_training_keeps_the_ranks_weights_equal(shapes, tmp_pat
 # --------------------------------------------------------------------------------------------
 # Real data sets from ../shared/datasets
 # --------------------------------------------------------------------------------------------
+def _first_images(annotations: Path, count: int, out: Path) -> Path:
+    """A copy of a COCO annotation file keeping its first ``count`` images (and their boxes)."""
+    data = json.loads(annotations.read_text())
+    data["images"] = data["images"][:count]
+    kept = {image["id"] for image in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in kept]
+    out.write_text(json.dumps(data))
+    return out
+
+
 @pytest.mark.skipif(not (SHARED / "coco_tiny").is_dir(), reason="../shared/datasets/coco_tiny absent")
-def test_ten_iterations_on_coco_tiny(tmp_path):
+def test_training_and_evaluation_on_coco_tiny(tmp_path):
     root = SHARED / "coco_tiny"
     annotations = root / "annotations"
+    # Real COCO images and annotations; evaluated on 8 of the 50 val images, twice (branch on, off).
+    val = _first_images(annotations / "instances_val2017.json", 8, tmp_path / "val8.json")
     result = _train_net(
         "--config-file", REPO / "configs/COCO-Detection/faster_rcnn_castling_vit_s_fpn_3x.yaml",
         "--register-coco", "coco_tiny_train", annotations / "instances_train2017.json", root / "train2017",
-        "--register-coco", "coco_tiny_val", annotations / "instances_val2017.json", root / "val2017",
-        "DATASETS.TRAIN", "('coco_tiny_train',)", "DATASETS.TEST", "('coco_tiny_val',)",
-        "OUTPUT_DIR", tmp_path, "SOLVER.MAX_ITER", 10, "SOLVER.IMS_PER_BATCH", 2,
+        "--register-coco", "coco_tiny_val8", val, root / "val2017",
+        "DATASETS.TRAIN", "('coco_tiny_train',)", "DATASETS.TEST", "('coco_tiny_val8',)",
+        "OUTPUT_DIR", tmp_path / "run", "SOLVER.MAX_ITER", 4, "SOLVER.IMS_PER_BATCH", 2,
         "MODEL.CASTLING.DEPTH", 2, "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", 224,
         "INPUT.MIN_SIZE_TEST", 160, "INPUT.MAX_SIZE_TEST", 224, "DATALOADER.NUM_WORKERS", 0,
         "TEST.FLOPS_NUM_IMAGES", 1, "TEST.DETECTIONS_PER_IMAGE", 5, "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 64,  # RoIAlign's backward on CPU is single-threaded
     )
-    assert _read_metrics(tmp_path)[-1]["iteration"] == 10
+    assert _read_metrics(tmp_path / "run")[-1]["iteration"] == 4
+    assert "Start inference on 8 batches" in result.stdout + result.stderr
     assert "| on " in result.stdout and "| off " in result.stdout
 
 

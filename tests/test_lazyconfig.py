@@ -101,6 +101,9 @@ def test_lazyconfig_train_net_runs_on_shapes(tmp_path):
         "train.device=cpu", "train.amp.enabled=True", "train.amp.dtype=bfloat16",  # bf16 autocast on the CPU
         "train.max_iter=3", "train.eval_period=0",
         "lr_multiplier.scheduler.milestones=[1,2]", "train.flops_num_images=1",
+        # Fewer regions: the ROI heads would otherwise take most of the run's time on the CPU.
+        "model.roi_heads.batch_size_per_image=64", "model.proposal_generator.post_nms_topk=[64,32]",
+        "model.roi_heads.box_predictor.test_topk_per_image=10",
         f"train.output_dir={tmp_path / 'out'}",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
