@@ -5,15 +5,20 @@ import textwrap
 
 import pytest
 
+from castling_det import cpu_memory
 from castling_det.cpu_memory import _glibc, reuse_freed_cpu_memory
 
 # Run in a child process: the setting is process-wide and permanent. It prints the bytes glibc
 # holds in mmapped blocks (mallinfo2's hblkhd) while a 64 MiB tensor is alive.
 _PROBE = textwrap.dedent(
     """
-    import ctypes, sys
+    import ctypes, importlib.util, sys
     import torch
-    from castling_det.cpu_memory import reuse_freed_cpu_memory
+
+    # The module alone, not the package (whose import loads Detectron2 and takes seconds).
+    spec = importlib.util.spec_from_file_location("cpu_memory", sys.argv[2])
+    cpu_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_memory)
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -23,7 +28,7 @@ _PROBE = textwrap.dedent(
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
     if sys.argv[1] == "reuse":
-        assert reuse_freed_cpu_memory()
+        assert cpu_memory.reuse_freed_cpu_memory()
     before = libc.mallinfo2().hblkhd
     tensor = torch.ones(16 * 2**20)  # 64 MiB, twice glibc's largest dynamic mmap threshold
     print(libc.mallinfo2().hblkhd - before)
@@ -32,7 +37,8 @@ _PROBE = textwrap.dedent(
 
 
 def _mmapped_bytes_while_allocated(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
+    module = cpu_memory.__file__
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode, module], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
 
