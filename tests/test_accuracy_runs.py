@@ -12,6 +12,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
 from castling_det.analysis import (
     AblationError,
@@ -149,6 +150,29 @@ def test_castling_arms_pin_their_recipe_key_by_key():
     assert (castling["MODEL.CASTLING.CONV_KIND"], castling["MODEL.CASTLING.BRANCH.MASK"]) == ("seq", "absolute")
     grid5 = dict(zip(*[iter(tool.ARMS["castling-grid5"].overrides)] * 2))
     assert (grid5["MODEL.CASTLING.CONV_KIND"], grid5["MODEL.CASTLING.CONV_KERNEL_SIZE"]) == ("grid", "5")
+
+
+@pytest.mark.parametrize("name", sorted(tool.ARMS))
+def test_every_arm_builds_a_backbone_that_trains(name):
+    """Each arm's keys merge into the BCCD config and give a backbone that runs a training step,
+    its softmax branch (where it has one) on: a typo in an arm would otherwise surface hours
+    into a series."""
+    from detectron2.modeling import build_backbone
+    from detectron2.utils.events import EventStorage
+
+    from castling_det import load_castling_config
+    from castling_det.modeling import branch_modules
+
+    cfg = load_castling_config(str(REPO / tool.CONFIG), list(tool.ARMS[name].overrides))
+    backbone = build_backbone(cfg).train()
+    castling_blocks = 12 if name.startswith("castling") else 4 if name == "hybrid" else 0
+    branch_on = [module.branch_active for module in branch_modules(backbone)]
+    assert branch_on == [cfg.MODEL.CASTLING.BRANCH.ENABLED] * castling_blocks
+    with EventStorage(0):
+        features = backbone(torch.randn(1, 3, 64, 96))
+        sum(feature.square().mean() for feature in features.values()).backward()
+    assert all(feature.isfinite().all() for feature in features.values())
+    assert [n for n, p in backbone.named_parameters() if p.grad is None] == []
 
 
 def test_unknown_arm_is_named():
