@@ -26,8 +26,13 @@ run: setup
 		--register-coco shapes_val $(SHAPES)/annotations/val.json $(SHAPES)/val \
 		OUTPUT_DIR $(RUN_DIR)
 
+# The suite in TEST_WORKERS processes of one thread each, test files dealt out whole (a file's
+# fixtures are built once): most tests are process start-up and small tensors, which threads do
+# not speed up and processes do.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf output $(SHAPES)
