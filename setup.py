@@ -39,7 +39,11 @@ setup(
     packages=find_packages(include=["castling_det", "castling_det.*"]),
     # The configs (castling_det/model_zoo/configs links to the repository's configs/ in a checkout;
     # a wheel holds copies), found with castling_det.model_zoo.get_config_file.
-    package_data={"castling_det.model_zoo": ["configs/*.yaml", "configs/*/*.yaml", "configs/lazy/*.py", "configs/lazy/*/*.py"]},
+    package_data={
+        "castling_det.model_zoo": ["configs/*.yaml", "configs/*/*.yaml", "configs/lazy/*.py", "configs/lazy/*/*.py"],
+        # The native CPU attention operator, compiled on first use (castling_det/modeling/native_attention.py).
+        "castling_det.modeling": ["csrc/*.cpp"],
+    },
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

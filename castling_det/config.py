@@ -70,8 +70,9 @@ def add_castling_config(cfg: CN) -> CN:
     # torch.compile's fused kernels (needs a C++ compiler on CPU). False: the eager reference.
     c.COMPILE_TAIL = False
     # With the branch off, at inference, run the fused deployed attention: on a CUDA GPU with
-    # Triton installed two Triton kernels (head dims 16, 32, 64, 128; any dtype), on CPU the
-    # blocked operator (one cache-sized block of tokens at a time); and in bf16 on CPU, every
+    # Triton installed two Triton kernels (head dims 16, 32, 64, 128; any dtype), on CPU a native
+    # operator compiled on first use (the blocked Python one where no C++ compiler is found, and
+    # for float64); and in bf16 on CPU, every
     # block's linear layers run as oneDNN calls with the bias (and fc1's GELU) inside the GEMM.
     # False: the eager references.
     c.FUSED_DEPLOYED = True

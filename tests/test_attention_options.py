@@ -244,7 +244,7 @@ BACKBONE_OPTIONS = {
     "topk_mask": dict(branch_mask="topk", branch_topk=32),
     "learned_weight": dict(learn_linear_weight=True),
     "hybrid_windows": dict(attn_kinds=["window", "castling"], window_size=14),
-    # The options above run the blocked CPU operator (the default in inference); this, the eager one.
+    # The options above run the native CPU operator (the default in inference); this, the eager one.
     "eager_reference": dict(fused=False),
 }
 

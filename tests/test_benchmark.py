@@ -132,8 +132,8 @@ def test_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path):
     assert by_variant["castling-eager"] == by_variant["castling"]
     assert len(_read(tmp_path / "detector.csv")) == 4
     operators = {r["operator"] for r in _read(tmp_path / "operator.csv")}
-    assert {"two matmuls q(k^T v)", "castling eager", "castling fused", "softmax SDPA", "castling layer",
-            "branch train naive", "branch train chunked"} <= operators
+    assert {"two matmuls q(k^T v)", "castling eager", "castling fused", "castling blocked", "softmax SDPA",
+            "castling layer", "branch train naive", "branch train chunked"} <= operators
     accuracy = _read(tmp_path / "accuracy.csv")
     assert all(r["finite"] == "True" for r in accuracy)
     # The README's bound for the eager and fused operators (the paths run without

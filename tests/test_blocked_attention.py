@@ -1,13 +1,16 @@
 """Tests of the blocked deployed attention on CPU (castling_det/modeling/blocked_attention.py):
 against the eager reference in float64 (equal up to float64 rounding), against float64 in the
-low-precision dtypes, at N = 65,536 in fp16, and the module's dispatch to it."""
+low-precision dtypes, at N = 65,536 in fp16, and the module's dispatch to it, which happens
+where the native operator cannot be built (as every test here pretends) and in float64."""
 import copy
+import logging
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 
 from castling_det import LinearAngularAttention
-from castling_det.modeling import attention
+from castling_det.modeling import attention, native_attention
 from castling_det.modeling.blocked_attention import (
     blocked_attention_available,
     blocked_linear_angular_attention,
@@ -17,6 +20,22 @@ from castling_det.modeling.blocked_attention import (
 # the output is rounded at most twice (with the grid convolution: its output, then the sum), so
 # about 2u (bf16 u = 2^-8, fp16 u = 2^-11), and 3u leaves room for the fp32 arithmetic.
 TOKEN_BOUND = {torch.float32: 1e-6, torch.bfloat16: 3 * 2.0**-8, torch.float16: 3 * 2.0**-11}
+
+
+@pytest.fixture(autouse=True)
+def no_native_operator(monkeypatch):
+    """The module's CPU dispatch as on a machine where the native operator did not build."""
+    monkeypatch.setattr(attention, "native_attention_available", lambda q: False)
+
+
+def test_a_failed_native_build_warns_and_leaves_the_blocked_operator(monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with caplog.at_level(logging.WARNING):
+        assert native_attention._load.__wrapped__() is False  # the uncached build attempt
+    assert "no C++ compiler" in caplog.text and "blocked operator runs instead" in caplog.text
 
 
 def _module(conv_kind, kernel_size, learned, dim=32, heads=2):

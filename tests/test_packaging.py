@@ -20,12 +20,14 @@ INSTALLED_USE = textwrap.dedent(
     from pathlib import Path
 
     import numpy as np
+    import torch
     from detectron2.data.datasets import register_coco_instances
     from detectron2.engine import DefaultPredictor, DefaultTrainer
 
     import castling_det
     from castling_det import model_zoo
     from castling_det.data import make_shapes_dataset
+    from castling_det.modeling.native_attention import native_attention_available
 
     work = Path(sys.argv[1])
     assert Path(castling_det.__file__).is_relative_to(work / "venv"), castling_det.__file__
@@ -46,6 +48,8 @@ INSTALLED_USE = textwrap.dedent(
 
     cfg.MODEL.WEIGHTS = str(work / "out" / "model_final.pth")
     predictor = DefaultPredictor(cfg)
+    # The native CPU operator's source ships in the wheel and builds from there.
+    assert native_attention_available(torch.zeros(1, 1, 4, 8))
     attentions = castling_det.modeling.branch_modules(predictor.model)
     assert attentions and not any(m.branch_active for m in attentions)  # deployed: branch off
     outputs = predictor(np.zeros((96, 96, 3), dtype=np.uint8))

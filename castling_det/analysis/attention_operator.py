@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from ..modeling.attention import LinearAngularAttention, SoftmaxAttention, masked_softmax_attention
+from ..modeling.blocked_attention import blocked_linear_angular_attention
 from .precision import DTYPES, autocast
 from .timing import interleaved_median_latency_ms, peak_memory_mib
 
@@ -28,10 +29,12 @@ __all__ = [
 # The baseline every operator is timed against: its two matmuls, nothing else.
 MATMULS = "two matmuls q(k^T v)"
 # The operators by the names the tools' options give them. "fused" is the deployed default
-# (FUSED_DEPLOYED): the blocked operator on CPU, the Triton kernels on CUDA; "eager" the reference.
+# (FUSED_DEPLOYED): the native operator on CPU (the blocked one where it cannot be built), the
+# Triton kernels on CUDA; "eager" the reference.
 OPERATOR_PATHS = {
     "eager": "castling eager",
     "fused": "castling fused",
+    "blocked": "castling blocked",  # CPU only: the fused default's fallback, timed beside it
     "compiled": "castling compiled",
     "sdpa": "softmax SDPA",
 }
@@ -67,14 +70,21 @@ def operator_candidates(
     castling = copy.deepcopy(castling).to(x.dtype)
     modules = {"sdpa": copy.deepcopy(softmax).to(x.dtype)}
     for path in paths:
-        if path != "sdpa":  # one copy per Castling path asked for, set to run that path
+        if path not in ("sdpa", "blocked"):  # one copy per Castling module path asked for
             modules[path] = copy.deepcopy(castling)
             modules[path].fused, modules[path].compile_tail = path == "fused", path == "compiled"
     with torch.inference_mode():
         q, k, v = castling._project_qkv(x)
     candidates = {MATMULS: lambda: torch.matmul(q, torch.matmul(k.transpose(-2, -1), v))}
     for path in paths:
-        candidates[OPERATOR_PATHS[path]] = functools.partial(modules[path].attend, q, k, v, side, side)
+        if path == "blocked":
+            candidates[OPERATOR_PATHS[path]] = functools.partial(
+                blocked_linear_angular_attention, q, k, v, castling.dwconv.weight,
+                conv_kind=castling.conv_kind, height=side, width=side,
+                linear_weight=castling.linear_weight, eps=castling.eps,
+            )
+        else:
+            candidates[OPERATOR_PATHS[path]] = functools.partial(modules[path].attend, q, k, v, side, side)
     return candidates
 
 
@@ -98,7 +108,8 @@ def bench_operator(
     branch (forward and backward, fp32), chunked as configured against naive."""
     side = token_side(tokens, "--operator-tokens")
     castling, softmax = attention_pair(dim, heads, device)
-    paths = ["eager", "fused", "sdpa"] + (["compiled"] if compiled else [])
+    paths = ["eager", "fused"] + (["blocked"] if torch.device(device).type == "cpu" else []) + ["sdpa"]
+    paths += ["compiled"] if compiled else []
     common = {"tokens": tokens, "dim": dim}
     rows = []
     for dtype_name in dtypes:

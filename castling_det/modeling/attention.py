@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .blocked_attention import blocked_attention_available, blocked_linear_angular_attention
 from .fused_attention import fused_attention_available, fused_linear_angular_attention
+from .native_attention import native_attention_available, native_linear_angular_attention
 from .fused_linear import linear_forward
 
 __all__ = [
@@ -313,6 +314,8 @@ class LinearAngularAttention(_MultiHeadAttention):
                 :func:`~castling_det.modeling.fused_attention.fused_linear_angular_attention`
                 (two Triton kernels) when Triton is installed and the head dimension is one it
                 supports, on CPU tensors
+                :func:`~castling_det.modeling.native_attention.native_linear_angular_attention`
+                (compiled on first use) or, where it cannot be built or for float64,
                 :func:`~castling_det.modeling.blocked_attention.blocked_linear_angular_attention`;
                 otherwise, or when False, the eager reference. ``compile_tail`` takes precedence.
                 Also the projections' oneDNN calls in bf16 on CPU (see :class:`_MultiHeadAttention`).
@@ -375,8 +378,10 @@ class LinearAngularAttention(_MultiHeadAttention):
         """The fused deployed operator :meth:`attend` runs, or None for the eager reference: one
         is asked for, the branch is off, no gradient is to be recorded (neither has a backward
         pass), and the inputs are ones it takes: the Triton kernels on CUDA (see
-        :func:`~castling_det.modeling.fused_attention.fused_attention_available`), the blocked
-        operator on CPU (see
+        :func:`~castling_det.modeling.fused_attention.fused_attention_available`), on CPU the
+        native operator (see
+        :func:`~castling_det.modeling.native_attention.native_attention_available`), else the
+        blocked one (see
         :func:`~castling_det.modeling.blocked_attention.blocked_attention_available`)."""
         if not self.fused or self.branch_active:
             return None
@@ -387,6 +392,8 @@ class LinearAngularAttention(_MultiHeadAttention):
             return None
         if fused_attention_available(q):
             return fused_linear_angular_attention
+        if native_attention_available(q):
+            return native_linear_angular_attention
         if blocked_attention_available(q):
             return blocked_linear_angular_attention
         return None
