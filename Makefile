@@ -27,8 +27,8 @@ run: setup
 		OUTPUT_DIR $(RUN_DIR)
 
 # The suite in TEST_WORKERS processes of one thread each, test files dealt out whole (a file's
-# fixtures are built once): most tests are process start-up and small tensors, which threads do
-# not speed up and processes do.
+# fixtures are built once): many tests are process start-up and small tensors, which a second
+# thread barely speeds up and a second process runs side by side.
 TEST_WORKERS ?= 2
 
 test: setup

@@ -5,14 +5,14 @@ Same computation and numerics as
 :func:`~castling_det.modeling.blocked_attention.blocked_linear_angular_attention` (every
 product in fp32, the output rounded once), with the elementwise tail of each token done in one
 loop instead of a dozen tensor operations per block, and the qkv projection's output read in
-one sequential sweep per pass (all heads of a token together) instead of head by head. Built for this machine's instruction set
-(``-march=native``) into a folder named after it; where no C++ compiler is found the build fails
-once, a warning says why, and the blocked operator runs instead.
+one sequential sweep per pass (all heads of a token together) instead of head by head. Built for
+this machine's instruction set (``-march=native``) into a folder named after it; where no C++
+compiler is found the build fails once, a warning says why, and the blocked operator runs
+instead.
 """
 import functools
 import hashlib
 import logging
-import math
 import os
 import platform
 from typing import Optional
@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "linear_angular_cpu.cpp")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Tokens per block (all heads of each). On a 2-core Xeon, ViT-B, N = 4096, fp32: 256 took 1.23-1.38x
-# the two matmuls, 128 1.55-1.81x, 64 1.5-1.9x, 512 1.28-1.39x: fewer blocks, fewer GEMM calls; a
+# Tokens per block (all heads of each): fewer blocks make fewer GEMM calls. In the operator
+# benchmark (ViT-B, N = 4096, fp32, 2-core Xeon) 256 took 1.31x the two matmuls, 128 1.40x; a
 # block of 256 is 2.4 MB of the qkv projection and 0.8 MB per fp32 scratch block.
 _BLOCK_TOKENS = 256
 
@@ -105,7 +105,7 @@ def native_linear_angular_attention(
         taps = conv_weight.reshape(heads, -1).float().contiguous()  # one 1D filter per head
         out = torch.empty(batch, num_tokens, heads, head_dim, dtype=v.dtype)
     else:
-        taps = torch.zeros(heads, 1)
+        taps = torch.empty(heads, 0)  # no taps: the grid convolution is already in ``out``
         out = _grid_conv_channels_last(v, conv_weight, height, width)
     weight = None if linear_weight is None else linear_weight.reshape(heads).float()
     block = block_tokens or _BLOCK_TOKENS

@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 namespace {
 
@@ -170,7 +169,7 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
 }
 
 // q, k, v: (B, H, N, d) CPU tensors of one floating dtype (fp32, bf16 or fp16), unit last
-// stride. taps: (H, K) fp32, the 1D convolution's taps (K = 1 with a zero tap for none).
+// stride. taps: (H, K) fp32, the 1D convolution's taps (K = 0 for none).
 // linear_weight: (H,) fp32 or undefined. out: (B, N, H, d) contiguous in q's dtype, written, or
 // added to when `accumulate` (a convolution computed elsewhere).
 void linear_angular_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
