@@ -150,9 +150,11 @@ ARMS: Dict[str, Arm] = {
         )
         for k in (3, 5, 7)
     },
+    # On the default's recipe (the relative mask), so that it is measured against the arm with
+    # three seeds and, if it wins, is the best combination itself.
     "castling-learned-weight": Arm(
-        "castling, learned per-head linear weight",
-        _recipe(_CASTLING, ("MODEL.CASTLING.LEARN_LINEAR_WEIGHT", "True")),
+        "castling-relative with a learned per-head weight of the linear term",
+        _recipe(_CASTLING, _RELATIVE, ("MODEL.CASTLING.LEARN_LINEAR_WEIGHT", "True")),
     ),
     "castling-switch": Arm(
         "castling from the softmax twin at S/2, attention transfer, relative mask",
