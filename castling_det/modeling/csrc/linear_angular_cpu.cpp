@@ -21,9 +21,26 @@
 #include <algorithm>
 #include <cmath>
 
+// The BLAS PyTorch links (MKL on x86), called directly: a block's GEMMs are small (d × d × 256)
+// and there are 2·H per block, so at::mm's per-call cost (dispatch, a view per operand) was a
+// measurable share of the operator.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
 namespace {
 
 constexpr double kPi = 3.14159265358979323846;
+
+// Row-major C (m × n, ld_c) = beta·C + A (m × kk) · B (kk × n), A transposed in memory (kk × m,
+// ld_a) when `a_transposed`. BLAS is column-major: it computes Cᵀ = Bᵀ·Aᵀ.
+inline void gemm_row_major(bool a_transposed, int64_t m, int64_t n, int64_t kk, const float* a, int64_t ld_a,
+                           const float* b, int64_t ld_b, float beta, float* c, int64_t ld_c) {
+  const int m_ = static_cast<int>(m), n_ = static_cast<int>(n), k_ = static_cast<int>(kk);
+  const int lda = static_cast<int>(ld_a), ldb = static_cast<int>(ld_b), ldc = static_cast<int>(ld_c);
+  const float one = 1.f;
+  sgemm_("N", a_transposed ? "T" : "N", &n_, &m_, &k_, &one, b, &ldb, a, &lda, &beta, c, &ldc);
+}
 
 template <typename T>
 inline float squared_norm(const T* row, int64_t d) {
@@ -58,14 +75,12 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
     const T* k_b = k.data_ptr<T>() + b * k.stride(0);
     const T* v_b = v.data_ptr<T>() + b * v.stride(0);
     T* out_b = out.data_ptr<T>() + b * tokens * heads * d;  // (N, H, d), contiguous
-    const at::Tensor v_heads = v[b];                          // (H, N, d) views, for the GEMMs
-    const at::Tensor q_heads = q[b];
 
     // Pass 1: kv[h] = Σ_n k̂ᵀv over blocks of tokens, each thread into its own partial sum.
     at::Tensor partial = at::zeros({at::get_num_threads(), heads, d, d}, options);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       at::ThreadLocalStateGuard state_guard(caller_state);
-      at::Tensor kv = partial[at::get_thread_num()];
+      float* kv_data = partial[at::get_thread_num()].data_ptr<float>();
       at::Tensor k_hat = at::empty({block_tokens, heads, d}, options);
       at::Tensor v_wide = fp32_input ? at::Tensor() : at::empty({block_tokens, heads, d}, options);
       for (int64_t blk = begin; blk < end; ++blk) {
@@ -87,16 +102,17 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             }
           }
         }
-        for (int64_t h = 0; h < heads; ++h) {
-          const at::Tensor k_block = k_hat.narrow(0, 0, size).select(1, h);  // (size, d)
-          const at::Tensor v_block = fp32_input ? v_heads.select(0, h).narrow(0, start, size)
-                                                : v_wide.narrow(0, 0, size).select(1, h);
-          kv[h].addmm_(k_block.t(), v_block);
+        for (int64_t h = 0; h < heads; ++h) {  // kv[h] += k̂ᵀ (d × size) · v (size × d)
+          const float* v_block = fp32_input ? reinterpret_cast<const float*>(v_b) + start * vs + h * vh
+                                            : v_dst + h * d;
+          gemm_row_major(true, d, d, size, k_dst + h * d, heads * d, v_block, fp32_input ? vs : heads * d,
+                         1.f, kv_data + h * d * d, d);
         }
       }
     });
     at::Tensor kv = partial.sum(0);  // (H, d, d)
     if (linear_weight.defined()) kv.mul_(linear_weight.reshape({heads, 1, 1}));
+    const float* kv_data = kv.data_ptr<float>();
 
     // Pass 2: per block, q·kv for every head, then one loop over the block's tokens and heads.
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -116,14 +132,14 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
             }
           }
         }
-        for (int64_t h = 0; h < heads; ++h) {
-          const at::Tensor q_block = fp32_input ? q_heads.select(0, h).narrow(0, start, size)
-                                                : q_wide.narrow(0, 0, size).select(1, h);
-          at::Tensor lin_block = lin.narrow(0, 0, size).select(1, h);
-          at::mm_out(lin_block, q_block, kv[h]);
-        }
         float* lin_data = lin.data_ptr<float>();
         const float* q_wide_data = fp32_input ? nullptr : q_wide.data_ptr<float>();
+        for (int64_t h = 0; h < heads; ++h) {  // lin[:, h] = q (size × d) · kv[h] (d × d)
+          const float* q_block = fp32_input ? reinterpret_cast<const float*>(q_b) + start * qs + h * qh
+                                            : q_wide_data + h * d;
+          gemm_row_major(false, size, d, d, q_block, fp32_input ? qs : heads * d, kv_data + h * d * d, d,
+                         0.f, lin_data + h * d, heads * d);
+        }
         for (int64_t n = 0; n < size; ++n) {
           const int64_t token = start + n;
           // Tap j reads token + j - pad, zero outside the sequence (as nn.Conv2d pads).
