@@ -678,6 +678,18 @@ def test_readme_summary_table_aggregates_seeds_as_the_readme_prints_them():
     ]
 
 
+def test_readme_tables_end_with_the_differences_to_the_reference_arms():
+    lines = readme_tables(_readme_runs(), list(tool.ARMS), _README_LABELS, ("softmax", "window")).splitlines()
+    assert lines[-1] == ""
+    header = lines.index("| arm | seeds (n) | − softmax | − window |")
+    assert lines[header - 2].startswith("Seed noise, pooled over the arms with two seeds or more: std 0.52 AP per run (3 ")
+    # Pooled variance (0.32 + 0.18 + 0.32) / 3: std 0.523. castling-relative − softmax: 57.1 − 56.9,
+    # se 0.523; window − softmax: 55.7 − 56.9, se 0.523 * sqrt(1.5) = 0.640.
+    assert "| castling-relative | 2 | +0.2 ± 0.5 (+0.4 s.e.) | +1.4 ± 0.6 (+2.2 s.e.) |" in lines
+    assert "| window | 1 | −1.2 ± 0.6 (−1.9 s.e.) | — |" in lines
+    assert lines[header + 2:-1][0].startswith("| softmax | 2 | — |")
+
+
 def test_readme_tables_need_the_curve_schedule():
     with pytest.raises(AblationError, match="'curve' schedule"):
         readme_tables([_result("castling", 0, 1.0, 2.0, 7.0)], list(tool.ARMS), {})
@@ -713,7 +725,12 @@ def test_report_writes_the_readme_tables_between_the_markers(tmp_path, capsys):
     tool.run(["report", "--results-dir", str(runs), "--output-dir", str(out), "--readme", str(readme)])
     text = readme.read_text()
     assert text.startswith(f"{before}{BEGIN_MARKER}\n\n| arm (curve schedule) |")
-    assert text.endswith(f"| 12/12 |\n\n{END_MARKER}{after}")
+    assert text.endswith(f"|\n\n{END_MARKER}{after}")
+    block = text[text.index(BEGIN_MARKER):text.index(END_MARKER)].splitlines()
+    # The summary table, then the differences to the tool's reference arms, ending with the last arm.
+    assert "| castling-switch (from the softmax twin at half the schedule) | 0 | 56.8 [56.8] | +0.2 | 6.97 | 0.66 | 12/12 |" in block
+    assert "| arm | seeds (n) | − softmax | − window | − castling-relative |" in block
+    assert block[-2].startswith("| castling-switch | 1 | ")
     assert "| stale | table |" not in text
     assert f"| castling ({tool.README_LABELS['castling']}) | 0 | 42.0 |" in text
     assert f"{readme}: tables rewritten" in capsys.readouterr().out

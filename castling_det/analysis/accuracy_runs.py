@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .branch_stats import branch_markdown, has_branch
+from .seed_noise import difference_markdown
 
 __all__ = [
     "AblationError",
@@ -33,6 +34,7 @@ __all__ = [
     "checkpoint_name",
     "checkpoint_period",
     "curve_points",
+    "final_ap_by_arm",
     "format_mean_std",
     "group_results",
     "half_schedule",
@@ -543,10 +545,17 @@ _NOTES = (
 )
 
 
-def results_markdown(results: Iterable[Dict], arm_order: Sequence[str] = ()) -> str:
+def final_ap_by_arm(by_arm: Dict[str, List[Dict]]) -> Dict[str, List[float]]:
+    """Each arm's final box AP with the branch off, one value per seed, in ``by_arm``'s order."""
+    return {arm: [result["final"]["branch_off"]["AP"] for result in runs] for arm, runs in by_arm.items()}
+
+
+def results_markdown(
+    results: Iterable[Dict], arm_order: Sequence[str] = (), references: Sequence[str] = ()
+) -> str:
     """The report: per schedule, the ablation table of the final evaluations (for ``curve``
-    after the learning-curve table), each followed by the machines and commits that produced it;
-    then the softmax branch's table."""
+    after the learning-curve table), the differences to the ``references`` arms against the
+    seed noise, and the machines and commits that produced it; then the softmax branch's table."""
     lines = ["# BCCD accuracy ablation (Faster R-CNN, Castling-ViT-Ti)", ""]
     grouped = group_results(results, arm_order)
     for name, by_arm in grouped.items():
@@ -564,6 +573,8 @@ def results_markdown(results: Iterable[Dict], arm_order: Sequence[str] = ()) -> 
             # make a table of their own beside the curves.
             lines += _curve_table(by_arm) + ["", f"At iteration {schedule.max_iter}:", ""]
         lines += _ablation_table(by_arm)
-        lines += ["", *_provenance(r for runs in by_arm.values() for r in runs), ""]
+        differences = difference_markdown(final_ap_by_arm(by_arm), references)
+        lines += ["", *differences, *([""] if differences else [])]
+        lines += [*_provenance(r for runs in by_arm.values() for r in runs), ""]
     lines += [_NOTES, "", *branch_markdown(grouped), ""]
     return "\n".join(lines)

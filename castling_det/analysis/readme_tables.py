@@ -13,12 +13,14 @@ from .accuracy_runs import (
     AblationError,
     branch_gap_mean,
     curve_points,
+    final_ap_by_arm,
     format_mean_std,
     group_results,
     parse_schedule,
     run_dir,
     summarize_arm,
 )
+from .seed_noise import difference_markdown
 
 __all__ = ["BEGIN_MARKER", "END_MARKER", "readme_tables", "replace_marked_block"]
 
@@ -119,10 +121,13 @@ def _summary_table(by_arm: Dict[str, List[Dict]], labels: Mapping[str, str]) -> 
     return lines
 
 
-def readme_tables(results: Sequence[Dict], arm_order: Sequence[str], labels: Mapping[str, str]) -> str:
-    """The README's block: the ``curve`` schedule's learning-curve table, one line of intro, and
-    its final-evaluation table, arms in ``arm_order`` in both, labelled by ``labels``; a blank
-    line before and after, for the marker lines around it.
+def readme_tables(
+    results: Sequence[Dict], arm_order: Sequence[str], labels: Mapping[str, str], references: Sequence[str] = ()
+) -> str:
+    """The README's block: the ``curve`` schedule's learning-curve table, one line of intro, its
+    final-evaluation table and the differences to the ``references`` arms against the seed noise,
+    arms in ``arm_order``, labelled by ``labels`` in the first two; a blank line before and after,
+    for the marker lines around it.
 
     Raises:
         AblationError: no result of the ``curve`` schedule.
@@ -132,6 +137,8 @@ def readme_tables(results: Sequence[Dict], arm_order: Sequence[str], labels: Map
         raise AblationError(f"no result of the {CURVE!r} schedule: the README's tables are made from it")
     intro = _SUMMARY_INTRO.format(max_iter=parse_schedule(CURVE).max_iter)
     lines = ["", *_curve_table(by_arm, labels), "", intro, "", *_summary_table(by_arm, labels), ""]
+    differences = difference_markdown(final_ap_by_arm(by_arm), references)
+    lines += [*differences, *([""] if differences else [])]
     return "\n".join(lines) + "\n"
 
 

@@ -183,6 +183,11 @@ README_LABELS: Dict[str, str] = {
 }
 
 
+# The arms every other arm is compared with against the seed noise: the two twins and the
+# configs' default recipe.
+REFERENCE_ARMS = ("softmax", "window", "castling-relative")
+
+
 def train_command(data_root: str, overrides: List[str], resume: bool) -> List[str]:
     """The train_net command of one run (run in REPO); ``--resume`` continues a killed run."""
     return [
@@ -398,7 +403,7 @@ def readme_with_tables(path: str, results: List[Dict]) -> str:
     """The text of the Markdown file ``path`` with the curve schedule's tables between its marker
     lines (read as bytes, so that its line endings stay as they are)."""
     text = Path(path).read_bytes().decode("utf-8")
-    return replace_marked_block(text, readme_tables(results, list(ARMS), README_LABELS), path)
+    return replace_marked_block(text, readme_tables(results, list(ARMS), README_LABELS, REFERENCE_ARMS), path)
 
 
 def report(args) -> None:
@@ -411,7 +416,7 @@ def report(args) -> None:
     readme = None if args.readme is None else readme_with_tables(args.readme, results)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    markdown = results_markdown(results, list(ARMS))
+    markdown = results_markdown(results, list(ARMS), REFERENCE_ARMS)
     (output_dir / "results.md").write_text(markdown)
     plot_accuracy(results, list(ARMS), output_dir / "accuracy.png")
     drawn = plot_branch(results, list(ARMS), output_dir / "branch.png")
