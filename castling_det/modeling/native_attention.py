@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "linear_angular_cpu.cpp")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tokens per block (all heads of each): fewer blocks make fewer GEMM calls. In the operator
-# benchmark (ViT-B, N = 4096, fp32, 2-core Xeon) 256 took 1.31x the two matmuls, 128 1.40x; a
-# block of 256 is 2.4 MB of the qkv projection and 0.8 MB per fp32 scratch block.
+# benchmark (ViT-B, N = 4096, fp32, 2-core Xeon, GEMMs through at::mm) 256 took 1.31x the two
+# matmuls, 128 1.40x; a block of 256 is 2.4 MB of the qkv projection and 0.8 MB per fp32
+# scratch block.
 _BLOCK_TOKENS = 256
 
 
