@@ -90,12 +90,18 @@ def test_blocked_equals_the_eager_reference_in_float64(conv_kind, kernel_size, l
 @pytest.mark.parametrize("dtype", list(TOKEN_BOUND), ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("conv_kind,kernel_size", [("seq", 9), ("grid", 3)], ids=["seq9", "grid3"])
 def test_low_precision_error_against_float64(conv_kind, kernel_size, dtype):
+    check_low_precision_error(conv_kind, kernel_size, dtype, batch=1, attend=lambda module, *args: module.attend(*args))
+
+
+def check_low_precision_error(conv_kind, kernel_size, dtype, batch, attend):
+    """``attend(module, q, k, v, height, width)`` in ``dtype`` is within TOKEN_BOUND of the float64
+    eager reference, on a 6×9 grid with a learned linear weight (shared with the native operator's test)."""
     torch.manual_seed(1)
     module = _module(conv_kind, kernel_size, learned=True).to(dtype)
     height, width = 6, 9
     with torch.no_grad():
-        q, k, v = module._project_qkv(torch.randn(1, height, width, 32).to(dtype))
-        out = module.attend(q, k, v, height, width)
+        q, k, v = module._project_qkv(torch.randn(batch, height, width, 32).to(dtype))
+        out = attend(module, q, k, v, height, width)
     reference = _eager(module.double(), q.double(), k.double(), v.double(), height, width)
     assert out.dtype == dtype
     assert _token_error(out, reference) <= TOKEN_BOUND[dtype]

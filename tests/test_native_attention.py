@@ -8,7 +8,7 @@ import torch
 
 from castling_det.modeling import attention, native_attention
 from castling_det.modeling.native_attention import native_attention_available, native_linear_angular_attention
-from test_blocked_attention import CONVS, TOKEN_BOUND, _eager, _module, _token_error
+from test_blocked_attention import CONVS, TOKEN_BOUND, _eager, _module, _token_error, check_low_precision_error
 
 pytestmark = pytest.mark.skipif(not native_attention._load(), reason="the native operator did not build here")
 
@@ -41,15 +41,8 @@ def test_native_equals_the_eager_reference_in_fp32(conv_kind, kernel_size, learn
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("conv_kind,kernel_size", [("seq", 9), ("grid", 3)], ids=["seq9", "grid3"])
 def test_low_precision_error_against_float64(conv_kind, kernel_size, dtype):
-    torch.manual_seed(1)
-    module = _module(conv_kind, kernel_size, learned=True).to(dtype)
-    height, width = 6, 9
-    with torch.no_grad():
-        q, k, v = module._project_qkv(torch.randn(2, height, width, 32).to(dtype))
-    out = _run(module, q, k, v, height, width, block_tokens=8)
-    reference = _eager(module.double(), q.double(), k.double(), v.double(), height, width)
-    assert out.dtype == dtype
-    assert _token_error(out, reference) <= TOKEN_BOUND[dtype]
+    check_low_precision_error(conv_kind, kernel_size, dtype, batch=2,
+                              attend=lambda *args: _run(*args, block_tokens=8))
 
 
 def test_fp16_at_65536_tokens_stays_finite_and_accurate():
