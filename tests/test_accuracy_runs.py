@@ -152,6 +152,16 @@ def test_castling_arms_pin_their_recipe_key_by_key():
     assert (grid5["MODEL.CASTLING.CONV_KIND"], grid5["MODEL.CASTLING.CONV_KERNEL_SIZE"]) == ("grid", "5")
 
 
+@pytest.mark.parametrize("name", ["castling-relative-sum", "castling-learned-weight", "hybrid"])
+def test_default_recipe_variants_change_one_thing(name):
+    """The variants of the default recipe keep its every key but the one they vary, so each is
+    measured against the arm with three seeds."""
+    default = dict(zip(*[iter(tool.ARMS["castling-relative"].overrides)] * 2))
+    variant = dict(zip(*[iter(tool.ARMS[name].overrides)] * 2))
+    changed = {key for key in default.keys() | variant.keys() if default.get(key) != variant.get(key)}
+    assert len(changed) == 1, (name, changed)
+
+
 @pytest.mark.parametrize("name", sorted(tool.ARMS))
 def test_every_arm_builds_a_backbone_that_trains(name):
     """Each arm's keys merge into the BCCD config and give a backbone that runs a training step,
