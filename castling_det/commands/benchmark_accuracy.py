@@ -160,11 +160,7 @@ ARMS: Dict[str, Arm] = {
     ),
     "castling-switch": Arm(
         "castling from the softmax twin at S/2, attention transfer, relative mask",
-        _recipe(
-            _CASTLING,
-            ("MODEL.CASTLING.TRANSFER.LOSS_WEIGHT", "1.0", "MODEL.CASTLING.TRANSFER.END", "0.25"),
-            _RELATIVE,
-        ),
+        _recipe(_DEFAULT, ("MODEL.CASTLING.TRANSFER.LOSS_WEIGHT", "1.0", "MODEL.CASTLING.TRANSFER.END", "0.25")),
         switch_from="softmax",
     ),
     # The default recipe in ViTDet's layout: what a user of the configs would get from it.
