@@ -10,6 +10,7 @@ with q^ = q/|q|, k^ = k/|k|; then the heads are merged and projected.
 """
 import copy
 import math
+import re
 import shutil
 
 import pytest
@@ -519,20 +520,20 @@ def test_chunked_branch_bounds_the_score_tensor():
 # Constructor validation
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs,message",
     [
-        dict(dim=64, num_heads=3),
-        dict(dim=64, num_heads=2, conv_kind="diagonal"),
-        dict(dim=64, num_heads=2, conv_kernel_size=4),
-        dict(dim=64, num_heads=2, conv_kernel_size=0),
-        dict(dim=64, num_heads=2, branch_threshold=-0.01),
-        dict(dim=64, num_heads=2, branch_chunk_size=0),
+        (dict(dim=64, num_heads=3), "dim=64 must be divisible by num_heads=3"),
+        (dict(dim=64, num_heads=2, conv_kind="diagonal"), "conv_kind='diagonal' must be one of"),
+        (dict(dim=64, num_heads=2, conv_kernel_size=4), "conv_kernel_size=4 must be a positive odd number"),
+        (dict(dim=64, num_heads=2, conv_kernel_size=0), "conv_kernel_size=0 must be a positive odd number"),
+        (dict(dim=64, num_heads=2, branch_threshold=-0.01), "branch_threshold=-0.01 must be >= 0"),
+        (dict(dim=64, num_heads=2, branch_chunk_size=0), "branch_chunk_size=0 must be positive"),
     ],
     ids=["heads_not_dividing_dim", "unknown_conv_kind", "even_kernel", "zero_kernel",
          "negative_threshold", "zero_chunk"],
 )
-def test_constructor_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+def test_constructor_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         LinearAngularAttention(**kwargs)
 
 

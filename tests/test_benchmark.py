@@ -68,8 +68,8 @@ def test_peak_memory_is_not_lowered_by_freeing_an_earlier_tensor():
 
 def test_median_latency_calls_warmup_plus_repeats():
     calls = []
-    latency = median_latency_ms(lambda: calls.append(1), CPU, warmup=2, repeats=3)
-    assert len(calls) == 5 and latency >= 0
+    median_latency_ms(lambda: calls.append(1), CPU, warmup=2, repeats=3)
+    assert len(calls) == 5
     with pytest.raises(ValueError, match="repeats"):
         median_latency_ms(lambda: None, CPU, repeats=0)
 

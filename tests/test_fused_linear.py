@@ -8,7 +8,8 @@ from castling_det.modeling.attention import LinearAngularAttention, SoftmaxAtten
 from castling_det.modeling.backbone import Mlp
 from castling_det.modeling.fused_linear import cpu_fused_linear, cpu_fused_linear_applies
 
-pytestmark = pytest.mark.skipif(
+# On the tests that run the op itself; the dispatch checks below it run everywhere.
+needs_onednn_bf16 = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     reason="needs a PyTorch CPU build with oneDNN and a CPU with bf16 support",
 )
@@ -30,6 +31,7 @@ def _exact_from_bf16(linear, x, act=None):
     return out if act is None else act(out)
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("approximate", [None, "none", "tanh"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_linear_is_the_plain_ops_rounded_once_under_bf16_autocast(approximate, bias):
@@ -47,6 +49,7 @@ def test_fused_linear_is_the_plain_ops_rounded_once_under_bf16_autocast(approxim
     torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("attention", [LinearAngularAttention, SoftmaxAttention])
 def test_attention_projections_match_the_plain_ops_under_bf16_autocast(attention):
     torch.manual_seed(0)
@@ -59,6 +62,7 @@ def test_attention_projections_match_the_plain_ops_under_bf16_autocast(attention
     torch.testing.assert_close(out.float(), expected.float(), rtol=3e-2, atol=3e-2)
 
 
+@needs_onednn_bf16
 def test_linear_layers_take_the_fused_op_only_for_bf16_inference_on_cpu(monkeypatch):
     mlp = _mlp()
     attn = SoftmaxAttention(dim=64, num_heads=4).eval()
@@ -91,3 +95,17 @@ def test_fused_path_is_skipped_while_tracing():
         traced = torch.jit.trace(mlp, x, check_trace=False)
     assert "_linear_pointwise" not in str(traced.inlined_graph)
     assert "gelu" in str(traced.inlined_graph)
+
+
+def test_no_layer_takes_the_fused_op_without_onednn_bf16(monkeypatch):
+    """Where oneDNN has no bf16 kernels (CPUs without AVX-512 bf16 or AMX), bf16 inference keeps
+    the plain ops."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    calls = []
+    monkeypatch.setattr(fused_linear, "cpu_fused_linear", lambda *args: calls.append(args))
+    mlp, attn = _mlp(), SoftmaxAttention(dim=64, num_heads=4).eval()
+    x = torch.randn(1, 3, 3, 64)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        assert not cpu_fused_linear_applies(x, mlp.fc1)
+        out = attn(mlp(x))
+    assert calls == [] and out.shape == x.shape

@@ -111,7 +111,7 @@ def test_committed_table_covers_every_config():
     assert [c for c in configs if f"[`{c}`](../configs/{c})" not in table] == []
 
 
-def test_the_command_writes_paths_relative_to_the_current_folder(tmp_path, monkeypatch):
+def test_the_command_writes_paths_relative_to_the_current_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "ap.json").write_text(json.dumps({}))
     monkeypatch.chdir(tmp_path)
     model_zoo.main(["--configs", "BCCD/*", "--ap-json", "ap.json", "--output", "out/zoo.md"])
@@ -121,5 +121,7 @@ def test_the_command_writes_paths_relative_to_the_current_folder(tmp_path, monke
     assert "[`ap.json`](../ap.json)" in text  # links relative to the table's folder
     link = re.search(rf"\[`{re.escape(BCCD)}`\]\(([^)]+)\)", text).group(1)
     assert (tmp_path / "out" / link).resolve() == (REPO / "configs" / BCCD).resolve()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         model_zoo.main(["--ap-json", "missing.json"])
+    assert exit_info.value.code == 2  # argparse's usage error
+    assert "--ap-json missing.json: no such file" in capsys.readouterr().err

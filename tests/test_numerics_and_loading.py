@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from detectron2.modeling import build_model
 from torch import nn
 
@@ -273,7 +274,6 @@ def test_a_softmax_twin_of_another_width_and_depth_loads_with_a_report(make_dete
 
 
 def test_a_resnet_state_dict_loads_with_a_report(make_detector_cfg, tmp_path, load_log):
-    torchvision = pytest.importorskip("torchvision")
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
     model = build_model(make_detector_cfg("GeneralizedRCNN"))
     before = {key: tensor.clone() for key, tensor in model.state_dict().items()}

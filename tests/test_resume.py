@@ -175,6 +175,7 @@ def test_a_run_killed_and_resumed_ends_as_an_uninterrupted_one(shapes, tmp_path)
     for key, tensor in final[0]["model"].items():
         torch.testing.assert_close(final[1]["model"][key], tensor, atol=1e-6, rtol=0, msg=key)
     optimizers = [checkpoint["trainer"]["_trainer"]["optimizer"]["state"] for checkpoint in final]
+    assert optimizers[0] and optimizers[0].keys() == optimizers[1].keys()
     for index, state in optimizers[0].items():  # AdamW's moments
         for name, tensor in state.items():
             torch.testing.assert_close(optimizers[1][index][name], tensor, atol=1e-6, rtol=0)
