@@ -4,7 +4,6 @@ and fp16, at N = 65,536 in fp16, q, k, v in the projection's strided layout, and
 dispatch to it. Builds the operator: skipped where ninja or a C++ compiler is missing, failed
 where they are present and the build is not (the fallback's warning is tested in
 test_blocked_attention.py, without a compiler)."""
-import os
 import shutil
 
 import pytest
@@ -19,7 +18,7 @@ from test_blocked_attention import CONVS, TOKEN_BOUND, _eager, _module, _token_e
 _MISSING_TOOLS = [
     name for name, found in [
         ("ninja", cpp_extension.is_ninja_available()),
-        ("a C++ compiler", shutil.which(os.environ.get("CXX", "c++")) is not None),
+        ("a C++ compiler", shutil.which(cpp_extension.get_cxx_compiler()) is not None),
     ] if not found
 ]
 pytestmark = pytest.mark.skipif(
