@@ -41,8 +41,10 @@ def plot_accuracy(results: List[Dict], arm_order: Sequence[str], path) -> List[D
     """
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
     grouped = group_results(results, arm_order)
-    colours = plt.get_cmap("tab10").colors
-    for index, (arm, runs) in enumerate(grouped.get(CURVE, {}).items()):
+    curve_arms = grouped.get(CURVE, {})
+    # tab10 repeats its colours after ten arms; tab20 keeps up to twenty apart.
+    colours = plt.get_cmap("tab10" if len(curve_arms) <= 10 else "tab20").colors
+    for index, (arm, runs) in enumerate(curve_arms.items()):
         for seed_index, result in enumerate(runs):
             label = f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if seed_index == 0 else None
             left.plot(*curve_points(result), marker="o", markersize=3, color=colours[index % len(colours)],

@@ -178,7 +178,7 @@ README_LABELS: Dict[str, str] = {
     "castling-no-branch": "the branch never on",
     "castling-relative": "the default: relative mask 1/N, no L1",
     **{f"castling-grid{k}": f"{k}×{k} conv on the token grid" for k in (3, 5, 7)},
-    "castling-learned-weight": "the default, a learned per-head weight of the linear term",
+    "castling-learned-weight": "the default recipe plus a learned per-head weight of the linear term",
     "castling-switch": "from the softmax twin at half the schedule",
     "hybrid": "ViTDet layout, its 4 global blocks linear-angular",
 }
